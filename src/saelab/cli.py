@@ -1,0 +1,206 @@
+"""``saelab`` command line: one click command per pipeline stage (dvc.yaml calls them through
+``stages/*.py``). Every hyperparameter comes from ``--params`` (params.yaml); the options here are
+paths only. A bad parameter stops the command with one line naming the key, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params
+
+log = logging.getLogger("saelab")
+
+PARAMS = click.option(
+    "--params", "params_path", default="params.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="params.yaml to read every hyperparameter from.",
+)  # fmt: skip
+VARIANT = click.option("--variant", required=True, type=click.Choice(VARIANTS))
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group()
+def cli() -> None:
+    """Train and compare sparse autoencoders on a language model's activations."""
+    _setup_logging()
+
+
+@cli.command()
+@PARAMS
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="token zarr group")
+def prepare(params_path: str, out: str) -> None:
+    """Corpus -> tokenized, packed contexts (train/eval split by document) in a zarr group."""
+    from saelab.capture import check_hookpoint, load_tokenizer, n_layers_of
+    from saelab.data import (
+        docs_per_source,
+        fallback_decoded,
+        prepare_tokens,
+        read_corpus,
+        separator_token_id,
+        split_documents,
+        write_tokens,
+    )
+
+    cfg = load_params(params_path)
+    check_hookpoint(cfg.model, n_layers_of(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    docs = read_corpus(cfg.data.corpus_dirs)
+    train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.data.seed)
+    splits = prepare_tokens(train_docs, eval_docs, tokenizer, cfg.data.ctx_len, cfg.data.seed)
+    attrs = {
+        "corpus_dirs": list(cfg.data.corpus_dirs),
+        "docs_per_source": {
+            "train": docs_per_source(train_docs),
+            "eval": docs_per_source(eval_docs),
+        },
+        "eval_documents": [d.key for d in eval_docs],
+        "fallback_decoded": fallback_decoded(docs),
+        "tokenizer": cfg.model.name_or_path,
+        "separator_token_id": separator_token_id(tokenizer),
+        "seed": cfg.data.seed,
+    }
+    write_tokens(out, splits, attrs)
+    log.info("wrote %s: %s", out, {k: v.shape for k, v in splits.items()})
+
+
+@cli.command()
+@PARAMS
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="activation dir")
+def cache(params_path: str, tokens: str, out: str) -> None:
+    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``."""
+    from saelab.cache import cache_split
+    from saelab.capture import load_model, resolve_device
+    from saelab.data import read_tokens
+    from saelab.store import atomic_dir
+
+    cfg = load_params(params_path)
+    model = load_model(cfg.model, resolve_device(cfg.model.device))
+    limits = {"train": cfg.cache.max_train_tokens, "eval": cfg.cache.max_eval_tokens}
+    with atomic_dir(out) as tmp:
+        for split, max_tokens in limits.items():
+            contexts = read_tokens(tokens, split)
+            n_ctx = min(len(contexts), max_tokens // contexts.shape[1])
+            cache_split(model, cfg, contexts[:n_ctx], tmp / split, source=f"{tokens}:{split}")
+
+
+@cli.command()
+@PARAMS
+@VARIANT
+@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="SAE directory")
+def train(params_path: str, variant: str, activations: str, out: str) -> None:
+    """Train one SAE variant on the cached train activations; save safetensors + cfg.json."""
+    import torch
+
+    from saelab.capture import resolve_device
+    from saelab.sae import SparseAutoencoder, make_activation
+    from saelab.store import (
+        ActivationStore,
+        ShuffledBatches,
+        atomic_dir,
+        drop_outliers,
+        median_norm,
+    )
+    from saelab.tracking import flatten, mlflow_run, run_tags, tracking_uri
+    from saelab.train import train_sae
+
+    cfg = load_params(params_path)
+    device = resolve_device(cfg.train.device)
+    store = ActivationStore(Path(activations) / "train")
+    exclude = cfg.sae.exclude_first_position
+    max_norm = None
+    if cfg.sae.exclude_norm_factor is not None:
+        median = median_norm(store.path, cfg.train.scale_tokens, exclude_first_position=exclude)
+        max_norm = cfg.sae.exclude_norm_factor * median
+    batches = drop_outliers(
+        ShuffledBatches(
+            store.path, cfg.train.batch_size, exclude_first_position=exclude,
+            shuffle_chunks=cfg.train.shuffle_chunks, seed=cfg.train.seed,
+        ),
+        max_norm,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    sae = SparseAutoencoder(store.d_in, cfg.sae.d_sae, make_activation(variant, cfg.k), generator)
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant)) as tracker:
+        tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
+        summary = train_sae(sae, batches, cfg.train, tracker, device)
+        tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
+        metadata = _sae_metadata(cfg, store.attrs, summary, tracker.run_id)
+        metadata["max_norm"] = max_norm
+        with atomic_dir(out) as tmp:
+            sae.cpu().save(tmp, metadata)
+
+
+def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id: str) -> dict:
+    return {
+        "model": cfg.model.name_or_path,
+        "gguf_file": cfg.model.gguf_file,
+        "hookpoint": cfg.model.hookpoint,
+        "context_size": cfg.data.ctx_len,
+        "exclude_first_position": cfg.sae.exclude_first_position,
+        "activations_n_tokens": store_attrs["n_tokens"],
+        "train_summary": summary,
+        "mlflow_run_id": run_id,
+    }
+
+
+@cli.command()
+@PARAMS
+@VARIANT
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
+def evaluate(
+    params_path: str, variant: str, tokens: str, activations: str, sae_dir: str, out: str
+) -> None:
+    """Reconstruction metrics on the eval activations and spliced CE/KL on eval contexts."""
+    from saelab.evaluate import run_evaluation
+    from saelab.tracking import mlflow_run, run_tags, tracking_uri, write_json_atomic
+
+    cfg = load_params(params_path)
+    sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
+    if sae_cfg["variant"] != variant:
+        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg['variant']} SAE, not {variant}")
+    metadata = sae_cfg["metadata"]
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    run_id = metadata.get("mlflow_run_id")
+    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant), run_id) as tracker:
+        metrics = run_evaluation(cfg, Path(sae_dir), Path(tokens), Path(activations))
+        metrics.update({f"train_{k}": v for k, v in metadata["train_summary"].items()})
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
+    log.info("%s: %s", variant, json.dumps(metrics, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a ConfigError ends the command with one line naming the key (exit 2)."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except ConfigError as e:
+        click.echo(f"saelab: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Typed, frozen configuration loaded strictly from ``params.yaml``.
+
+Every hyperparameter of the pipeline lives in ``params.yaml`` and nowhere else; output paths live
+in ``dvc.yaml``. :func:`load_params` turns the YAML into a :class:`PipelineConfig`; an unknown key,
+a missing key or a value out of range raises :class:`ConfigError` whose one-line message names the
+dotted key and what is allowed, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+VARIANTS = ("topk", "batchtopk")
+DTYPES = ("float32", "bfloat16", "float16")
+CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
+DEVICES = ("auto", "cpu", "cuda")
+HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown or out of range; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """prepare stage: corpus -> packed token contexts.
+
+    corpus_dirs: directories of plain-text documents (one document per file).
+    ctx_len: tokens per context (the papers use 128).
+    eval_fraction: fraction of each source's documents held out for evaluation (>= 1 per source).
+    """
+
+    corpus_dirs: tuple[str, ...]
+    ctx_len: int
+    eval_fraction: float
+    seed: int
+
+    def validate(self) -> None:
+        _require(len(self.corpus_dirs) > 0, "data.corpus_dirs", "a non-empty list of directories")
+        for d in self.corpus_dirs:
+            _require(
+                Path(d).is_dir(), "data.corpus_dirs", f"existing directories; {d!r} is not one"
+            )
+        _require(2 <= self.ctx_len <= 8192, "data.ctx_len", "an integer in [2, 8192]")
+        _require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The language model and where its activations are read.
+
+    name_or_path: a hub id (``org/name``, loaded from the local HF cache only when offline) or a
+        local directory.
+    gguf_file: a GGUF file inside that directory, or None for a regular checkpoint.
+    hookpoint: ``blocks.<layer>.hook_resid_pre`` (input of decoder layer ``layer``) or
+        ``blocks.<layer>.hook_resid_post`` (its output), SAELens/TransformerLens names.
+    """
+
+    name_or_path: str
+    gguf_file: str | None
+    dtype: str
+    hookpoint: str
+    device: str
+
+    def validate(self) -> None:
+        _require(self.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}")
+        _require(self.device in DEVICES, "model.device", f"one of {', '.join(DEVICES)}")
+        _require(
+            HOOKPOINT_RE.match(self.hookpoint) is not None,
+            "model.hookpoint",
+            "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post",
+        )
+        looks_local = (
+            self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1
+        )
+        if looks_local or self.gguf_file is not None:
+            path = Path(self.name_or_path).expanduser()
+            _require(path.is_dir(), "model.name_or_path", f"an existing directory; {path} is not")
+            if self.gguf_file is not None:
+                _require(
+                    (path / self.gguf_file).is_file(),
+                    "model.gguf_file",
+                    f"a file inside {path}; {self.gguf_file!r} is not there",
+                )
+
+    @property
+    def layer(self) -> int:
+        """Index of the decoder layer the hookpoint belongs to."""
+        return int(HOOKPOINT_RE.match(self.hookpoint).group(1))  # type: ignore[union-attr]
+
+    @property
+    def site(self) -> str:
+        """``resid_pre`` or ``resid_post``."""
+        return HOOKPOINT_RE.match(self.hookpoint).group(2)  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """cache stage: activations at the hookpoint -> zarr.
+
+    max_train_tokens / max_eval_tokens: tokens cached per split (position 0 of every context
+        included; it is dropped when reading), rounded down to whole contexts.
+    batch_size: contexts per forward pass.
+    store_dtype: bfloat16 is stored as its uint16 bit pattern (zarr 3 has no bfloat16).
+    chunk_tokens: tokens per zarr chunk (a multiple of ctx_len keeps contexts whole).
+    """
+
+    max_train_tokens: int
+    max_eval_tokens: int
+    batch_size: int
+    store_dtype: str
+    codec: str
+    codec_level: int
+    chunk_tokens: int
+
+    def validate(self) -> None:
+        _require(self.max_train_tokens > 0, "cache.max_train_tokens", "an integer > 0")
+        _require(self.max_eval_tokens > 0, "cache.max_eval_tokens", "an integer > 0")
+        _require(self.batch_size > 0, "cache.batch_size", "an integer > 0")
+        _require(self.store_dtype in DTYPES, "cache.store_dtype", f"one of {', '.join(DTYPES)}")
+        _require(self.codec in CODECS, "cache.codec", f"one of {', '.join(CODECS)}")
+        _require(0 <= self.codec_level <= 22, "cache.codec_level", "an integer in [0, 22]")
+        _require(self.chunk_tokens >= 1024, "cache.chunk_tokens", "an integer >= 1024")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape of every SAE.
+
+    d_sae: dictionary size (number of latents).
+    exclude_first_position: drop position 0 of every context from training, metrics and
+        splicing. On SmolLM2 it is an attention sink whose residual norm (~29,000 at layer 15)
+        is ~80x the mean; left in, it dominates the MSE and BatchTopK's batch budget.
+    exclude_norm_factor: also treat as sinks (excluded the same way, and left untouched when
+        splicing) the tokens whose residual norm exceeds this multiple of the median token norm,
+        or null for none. On SmolLM2 a few tokens past position 0 (after a weak first token, or
+        at ``<|endoftext|>``) reach norms of ~20,000 too: 1 in ~8,000 tokens, yet ~65% of the
+        eval split's sum of squared norms (measured on the default cache). Massive activations:
+        Sun et al. 2024, "Massive Activations in Large Language Models".
+    """
+
+    d_sae: int
+    exclude_first_position: bool
+    exclude_norm_factor: float | None
+
+    def validate(self) -> None:
+        _require(self.d_sae > 0, "sae.d_sae", "an integer > 0")
+        _require(
+            self.exclude_norm_factor is None or self.exclude_norm_factor > 1,
+            "sae.exclude_norm_factor",
+            "null or a number > 1",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train stage, shared by every variant.
+
+    n_tokens: training tokens (after dropping position 0); may exceed the cache (epochs).
+    batch_size: tokens per step (the BatchTopK paper uses 4096).
+    lr: Adam learning rate; None means ``2e-4 / sqrt(d_sae / 2**14)`` (Gao et al. 2024, sec. 2.3).
+    warmup_steps: linear warm-up; lr_decay_fraction: linear decay to 0 over this final fraction.
+    threshold_fraction: BatchTopK's inference threshold θ is the mean, over this final fraction
+        of the steps, of each batch's smallest kept activation (Bussmann et al. 2024, sec. 3).
+    scale_tokens: tokens used to estimate the input scaling so that E||x||^2 = d_in.
+    dead_tokens: a latent that has not fired for this many tokens is dead (Gao et al. 2024 use
+        10M; scaled down for short runs).
+    k_aux, aux_coef: AuxK loss on the top k_aux dead latents, weight aux_coef (Gao et al. 2024,
+        appendix A.2: d_in/2 and 1/32).
+    shuffle_chunks: zarr chunks held in memory and shuffled together at token level.
+    """
+
+    n_tokens: int
+    batch_size: int
+    lr: float | None
+    adam_beta1: float
+    adam_beta2: float
+    warmup_steps: int
+    lr_decay_fraction: float
+    grad_clip: float
+    threshold_fraction: float
+    scale_tokens: int
+    dead_tokens: int
+    k_aux: int
+    aux_coef: float
+    shuffle_chunks: int
+    log_every: int
+    seed: int
+    device: str
+
+    def validate(self) -> None:
+        _require(self.batch_size > 0, "train.batch_size", "an integer > 0")
+        _require(self.n_tokens >= self.batch_size, "train.n_tokens", "an integer >= batch_size")
+        _require(self.lr is None or self.lr > 0, "train.lr", "null (auto) or a number > 0")
+        _require(0 <= self.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)")
+        _require(0 <= self.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
+        _require(0 <= self.lr_decay_fraction <= 1, "train.lr_decay_fraction", "a number in [0, 1]")
+        _require(self.grad_clip > 0, "train.grad_clip", "a number > 0")
+        _require(0 < self.threshold_fraction <= 1, "train.threshold_fraction", "a number in (0, 1]")
+        _require(self.scale_tokens > 0, "train.scale_tokens", "an integer > 0")
+        _require(self.dead_tokens > 0, "train.dead_tokens", "an integer > 0")
+        _require(self.k_aux > 0, "train.k_aux", "an integer > 0")
+        _require(self.aux_coef >= 0, "train.aux_coef", "a number >= 0")
+        _require(self.shuffle_chunks > 0, "train.shuffle_chunks", "an integer > 0")
+        _require(self.log_every > 0, "train.log_every", "an integer > 0")
+        _require(self.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """evaluate stage.
+
+    n_ctx: eval contexts used for the spliced CE/KL (the reconstruction metrics use every cached
+        eval token).
+    batch_size: contexts per forward pass; reconstruction batches are ``batch_size * ctx_len``
+        tokens.
+    """
+
+    n_ctx: int
+    batch_size: int
+
+    def validate(self) -> None:
+        _require(self.n_ctx > 0, "evaluate.n_ctx", "an integer > 0")
+        _require(self.batch_size > 0, "evaluate.batch_size", "an integer > 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py)."""
+
+    experiment: str
+    tracking_uri: str | None
+
+    def validate(self) -> None:
+        _require(bool(self.experiment), "tracking.experiment", "a non-empty string")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole of params.yaml.
+
+    k: target mean L0 (active latents per token) of every variant.
+    variants: SAE variants to train and evaluate, from :data:`VARIANTS`.
+    """
+
+    k: int
+    variants: tuple[str, ...]
+    data: DataConfig
+    model: ModelConfig
+    cache: CacheConfig
+    sae: SAEConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+    tracking: TrackingConfig
+
+    def validate(self) -> None:
+        _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
+        for v in self.variants:
+            _require(v in VARIANTS, "variants", f"names from {', '.join(VARIANTS)}; got {v!r}")
+        _require(len(set(self.variants)) == len(self.variants), "variants", "distinct names")
+        _require(
+            0 < self.k <= self.sae.d_sae,
+            "k",
+            f"an integer in [1, sae.d_sae={self.sae.d_sae}]",
+        )
+        for section in (self.data, self.model, self.cache, self.sae, self.train, self.evaluate):
+            section.validate()
+        self.tracking.validate()
+
+
+def _require(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params: {key} must be {allowed}")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field type and convert lists to tuples."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"params: {key} must be a mapping of {hint.__name__} keys")
+        return _build(hint, value, key)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"params: {key} must be a list")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"params: {key} must be of type {hint.__name__} (got {value!r})")
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    dot = f"{prefix}." if prefix else ""
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"params: unknown key {dot}{unknown[0]} (allowed: {', '.join(dot + n for n in names)})"
+        )
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"params: missing key {dot}{missing[0]}")
+    return cls(**{n: _convert(raw[n], hints[n], dot + n) for n in names})
+
+
+def parse_params(raw: Mapping[str, Any]) -> PipelineConfig:
+    """Build and validate a :class:`PipelineConfig` from the parsed params mapping.
+
+    Raises:
+        ConfigError: unknown, missing, mistyped or out-of-range key (the message names it).
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError("params: the file must hold a mapping of keys")
+    cfg = _build(PipelineConfig, raw)
+    cfg.validate()
+    return cfg
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Read ``params.yaml`` and return the validated :class:`PipelineConfig`.
+
+    Raises:
+        ConfigError: the file is missing or any key is wrong (see :func:`parse_params`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file {path} not found")
+    with path.open() as f:
+        return parse_params(yaml.safe_load(f))

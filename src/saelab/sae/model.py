@@ -1,0 +1,198 @@
+"""One sparse autoencoder for every variant; sparsity is an injected activation module.
+
+``pre_acts = (x - b_dec) @ W_enc + b_enc``, ``acts = activation(pre_acts)``,
+``recon = acts @ W_dec + b_dec`` (Bussmann et al. 2024, sec. 2; Gao et al. 2024, sec. 2.2).
+
+Weight layout (the SAELens interchange layout): ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_enc [d_sae]``, ``b_dec [d_in]``, all float32 ``nn.Parameter``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saelab.sae.activations import SparsityActivation, make_activation
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+_PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+class SAEOutput(NamedTuple):
+    """recon [batch, d_in], acts [batch, d_sae] (sparse, >= 0), pre_acts [batch, d_sae]."""
+
+    recon: Tensor
+    acts: Tensor
+    pre_acts: Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """Sparse autoencoder with a pluggable sparsity ``activation``.
+
+    Init (Gao et al. 2024, sec. 2.4): decoder rows random directions of unit norm, encoder the
+    decoder's transpose, ``b_enc = 0``, ``b_dec = 0`` (the trainer sets ``b_dec`` to the geometric
+    median of a first batch).
+
+    Args:
+        d_in: width of the activations.
+        d_sae: number of latents.
+        activation: the sparsity strategy, e.g. ``make_activation("topk", 32)``.
+        generator: RNG for the init (default: torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        activation: SparsityActivation,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.activation = activation
+        self.metadata: dict[str, Any] = {}  # provenance read back by load() (hookpoint, ...)
+        W_dec_SD = torch.randn(d_sae, d_in, generator=generator)
+        W_dec_SD /= W_dec_SD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_SD)
+        self.W_enc = nn.Parameter(W_dec_SD.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """x [batch, d_in] -> pre_acts [batch, d_sae] = (x - b_dec) @ W_enc + b_enc.
+
+        Computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)``: the same value, but b_dec's gradient
+        through the encoder becomes a [d_in] x [d_in, d_sae] product instead of a
+        [batch, d_sae] x [d_sae, d_in] one (x needs no gradient), which saves one of the step's
+        large matmuls.
+        """
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [batch, d_in] -> acts [batch, d_sae] (sparse, >= 0)."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """acts [batch, d_sae] -> recon [batch, d_in] = acts @ W_dec + b_dec."""
+        return torch.addmm(self.b_dec, acts, self.W_dec)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """x [batch, d_in] -> SAEOutput(recon, acts, pre_acts)."""
+        pre_acts = self.encode_pre(x)
+        acts = self.activation(pre_acts)
+        return SAEOutput(self.decode(acts), acts, pre_acts)
+
+    @property
+    def variant(self) -> str:
+        return self.activation.variant
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit L2 norm (Gao et al. 2024, sec. 2.4)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Remove from ``W_dec.grad`` each row's component along that row (Gao et al. 2024, 2.4).
+
+        With unit-norm rows renormalised after every step, the parallel component only changes a
+        row's norm, which the renormalisation undoes; removing it keeps Adam's statistics for the
+        direction only. ``g_i <- g_i - (g_i . w_i) w_i / ||w_i||^2``.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        W_dec_SD = self.W_dec
+        coef_S1 = (grad * W_dec_SD).sum(dim=1, keepdim=True) / (
+            W_dec_SD.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        )
+        grad -= coef_S1 * W_dec_SD
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on ``scale * x`` act on raw ``x`` with identical acts.
+
+        Derivation: the trained SAE computes, on ``c x`` (c = ``scale``),
+        ``pre = (c x - b_dec) @ W_enc + b_enc = (x - b_dec / c) @ (c W_enc) + b_enc``, so
+        ``W_enc' = c W_enc`` and ``b_dec' = b_dec / c`` give the same pre-activations, hence the
+        same acts (and the same BatchTopK threshold). Its reconstruction of ``c x`` is
+        ``acts @ W_dec + b_dec``; dividing by c, ``x_hat = acts @ (W_dec / c) + b_dec / c``, so
+        ``W_dec' = W_dec / c`` with the same ``b_dec'``. Afterwards the decoder rows have norm
+        ``1 / c`` instead of 1; do not call :meth:`normalize_decoder_` on a folded SAE.
+        """
+        if not scale > 0:
+            raise ValueError(f"fold_input_scale_: scale must be > 0, got {scale}")
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """The saved tensors by name: the four weights, then the activation's own state."""
+        tensors = {name: getattr(self, name) for name in _PARAM_NAMES}
+        return tensors | self.activation.state_dict(keep_vars=True)
+
+    def save(self, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write ``sae.safetensors`` and ``cfg.json`` into ``directory`` (created if needed).
+
+        The safetensors file holds ``W_enc, W_dec, b_enc, b_dec`` and the activation's state
+        (``threshold`` for BatchTopK), float32. ``cfg.json`` holds ``d_in, d_sae, variant, k`` and
+        ``metadata`` (any JSON-serialisable mapping, e.g. hookpoint and input scale).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self._state_tensors().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        cfg = {
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "variant": self.variant,
+            "k": self.activation.k,
+            "metadata": dict(metadata if metadata is not None else self.metadata),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        logger.info("saved %s SAE (d_sae=%d) to %s", self.variant, self.d_sae, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SparseAutoencoder:
+        """Read an SAE written by :meth:`save` (on CPU, in eval mode).
+
+        Raises:
+            FileNotFoundError: ``cfg.json`` or ``sae.safetensors`` is missing.
+            ValueError: unknown variant, missing/extra tensors or a shape mismatch.
+        """
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"SAE directory {directory} has no {name}")
+        cfg = json.loads((directory / CONFIG_FILE).read_text())
+        missing_keys = [key for key in ("d_in", "d_sae", "variant", "k") if key not in cfg]
+        if missing_keys:
+            raise ValueError(f"{directory / CONFIG_FILE} lacks key {missing_keys[0]!r}")
+        sae = cls(cfg["d_in"], cfg["d_sae"], make_activation(cfg["variant"], cfg["k"]))
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+        expected = sae._state_tensors()
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"{directory / WEIGHTS_FILE} holds {sorted(tensors)}, expected {sorted(expected)}"
+            )
+        with torch.no_grad():
+            for name, target in expected.items():
+                if tensors[name].shape != target.shape:
+                    raise ValueError(
+                        f"{directory / WEIGHTS_FILE}: {name} has shape "
+                        f"{tuple(tensors[name].shape)}, expected {tuple(target.shape)}"
+                    )
+                target.copy_(tensors[name])
+        sae.metadata = dict(cfg.get("metadata", {}))
+        return sae.eval()

@@ -1,0 +1,154 @@
+"""Run tracking: an MLflow tracker, a null tracker, and the metrics JSON that DVC reads.
+
+The MLflow store defaults to ``sqlite:///<repo root>/mlflow.db``. The repo root is ``$DVC_ROOT``
+(set by DVC for stage commands), except that a queued/temporary ``dvc exp run`` executes in a
+throw-away copy under ``<repo>/.dvc/tmp/exps/``: runs logged there would be deleted with it, so
+the root is taken above that ``.dvc`` folder. ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``
+in params override the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """What the training loop and the stages log to."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+
+class NullTracker:
+    """Logs nothing: lets the loop run without asking whether logging is on."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+
+class MlflowTracker:
+    """Logs to one MLflow run (``run_id``), through the client API (no global active run)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+
+def repo_root() -> Path:
+    """The project root that outlives ``dvc exp`` temp copies (see the module docstring)."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri(configured: str | None) -> str:
+    """``MLFLOW_TRACKING_URI``, else params' ``tracking.tracking_uri``, else the sqlite default."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or configured
+        or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    )
+
+
+def run_tags(variant: str) -> dict[str, str]:
+    """Tags of a run: variant, git commit, DVC experiment name and baseline (when under dvc exp)."""
+    tags = {"variant": variant, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if baseline:
+        tags["dvc_exp_baseline_rev"] = baseline
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+@contextmanager
+def mlflow_run(
+    experiment: str, uri: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None
+) -> Iterator[MlflowTracker]:
+    """Open (or, with ``run_id`` that exists in the store, reopen) an MLflow run.
+
+    The run ends FINISHED on success and FAILED on an exception (which is re-raised).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    run = None
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            log.info("MLflow run %s is not in %s; starting a new run", run_id, uri)
+    if run is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    else:
+        client.update_run(run.info.run_id, status="RUNNING")
+    tracker = MlflowTracker(client, run.info.run_id)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented JSON via a temp file + rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,8 @@
+"""DVC stage `cache` (see dvc.yaml): a thin call of `saelab cache`; the work is in src/saelab."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["cache", *sys.argv[1:]])

@@ -1,0 +1,8 @@
+"""DVC stage `prepare` (see dvc.yaml): a thin call of `saelab prepare`; the work is in src/saelab."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["prepare", *sys.argv[1:]])

@@ -1,0 +1,8 @@
+"""DVC stage `train` (see dvc.yaml): a thin call of `saelab train`; the work is in src/saelab."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["train", *sys.argv[1:]])

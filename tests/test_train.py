@@ -1,0 +1,263 @@
+"""Specifications of the training step and loop (CPU, seeded, tiny synthetic data)."""
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from saelab.config import TrainConfig
+from saelab.sae import SparseAutoencoder, make_activation
+from saelab.train import (
+    auto_lr,
+    auxk_loss,
+    estimate_input_scale,
+    fvu,
+    geometric_median,
+    lr_at,
+    train_sae,
+    train_step,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run faster on one thread, and far faster on a machine shared with others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingTracker:
+    """Keeps every log_metrics call as (step, metrics)."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self.params: dict = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_params(self, params: dict) -> None:
+        self.params.update(params)
+
+
+def make_cfg(**overrides) -> TrainConfig:
+    fields = dict(
+        n_tokens=256 * 200,
+        batch_size=256,
+        lr=1e-2,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        warmup_steps=5,
+        lr_decay_fraction=0.2,
+        grad_clip=1.0,
+        threshold_fraction=0.2,
+        scale_tokens=1024,
+        dead_tokens=256 * 10,
+        k_aux=16,
+        aux_coef=1 / 32,
+        shuffle_chunks=1,
+        log_every=10,
+        seed=0,
+        device="cpu",
+    )
+    return TrainConfig(**(fields | overrides))
+
+
+def synthetic_batches(
+    d_in: int = 32, n_features: int = 64, k_true: int = 4, batch: int = 256, seed: int = 1
+) -> Iterator[torch.Tensor]:
+    """x = (sparse codes @ unit-norm dictionary + offset) * 10: k_true features per token with
+    magnitudes in [0.5, 2.5); the offset and the factor 10 exercise b_dec and the input scale."""
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d_in, generator=gen)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    offset = 2.0 * torch.randn(d_in, generator=gen)
+    while True:
+        idx = torch.rand(batch, n_features, generator=gen).argsort(dim=1)[:, :k_true]
+        mags = 0.5 + 2.0 * torch.rand(batch, k_true, generator=gen)
+        codes = torch.zeros(batch, n_features).scatter_(1, idx, mags)
+        yield (codes @ dictionary + offset) * 10.0
+
+
+def test_auto_lr_scaling_law():
+    """2e-4 at d_sae = 2^14; 4x the latents halves it: 2e-4 / sqrt(4) = 1e-4."""
+    assert auto_lr(2**14) == pytest.approx(2e-4)
+    assert auto_lr(2**16) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.1),  # warm-up: (0 + 1) / 10
+        (4, 0.5),  # (4 + 1) / 10
+        (9, 1.0),  # end of warm-up
+        (50, 1.0),  # constant
+        (80, 1.0),  # decay starts at 100 - round(0.2 * 100) = 80: (100 - 80) / 20
+        (90, 0.5),  # (100 - 90) / 20
+        (99, 0.05),  # (100 - 99) / 20; 0 would be reached at step 100
+    ],
+)
+def test_lr_schedule_known_values(step: int, expected: float):
+    """n_steps 100, lr 1, 10 warm-up steps, decay over the last 20% of the steps."""
+    assert lr_at(step, 100, 1.0, 10, 0.2) == pytest.approx(expected)
+
+
+def test_lr_schedule_without_warmup_or_decay_is_constant():
+    assert [lr_at(s, 10, 3e-4, 0, 0.0) for s in range(10)] == [3e-4] * 10
+
+
+def test_estimate_input_scale_known_answer_and_consumption():
+    """Only the first n_tokens count: 3 tokens of squared norm 1 in d_in 4 give c = sqrt(4 / 1).
+
+    The second batch's second token (squared norm 100) lies past n_tokens = 3 and is ignored;
+    the third batch is left in the iterator.
+    """
+    batches = iter(
+        [
+            torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+            torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 10.0]]),
+            torch.zeros(2, 4),
+        ]
+    )
+    assert estimate_input_scale(batches, 3) == pytest.approx(2.0)
+    assert len(list(batches)) == 1
+
+
+def test_estimate_input_scale_makes_mean_squared_norm_d_in():
+    """After scaling by c, E||c x||^2 = d_in on the tokens used."""
+    x = next(synthetic_batches())
+    c = estimate_input_scale([x], x.shape[0])
+    assert (c * x).pow(2).sum(dim=1).mean().item() == pytest.approx(32.0, rel=1e-5)
+
+
+def test_geometric_median_known_answers():
+    """Square corners -> its centre (2, 3); collinear 0, 1, 10 -> the middle point 1."""
+    square = torch.tensor([[1.0, 2.0], [3.0, 2.0], [1.0, 4.0], [3.0, 4.0]])
+    assert torch.allclose(geometric_median(square), torch.tensor([2.0, 3.0]), atol=1e-5)
+    line = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    assert torch.allclose(geometric_median(line), torch.tensor([1.0, 0.0]), atol=1e-3)
+
+
+def test_geometric_median_resists_an_outlier():
+    """99 points around the origin and one at 1000: the mean moves ~10, the median stays ~0."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(99, 8, generator=gen), torch.full((1, 8), 1000.0)])
+    assert x.mean(dim=0).norm() > 25.0
+    assert geometric_median(x).norm() < 1.0
+    assert geometric_median(x).dtype == torch.float32
+
+
+def test_fvu_known_answer():
+    """x = [[1, 0], [-1, 0]] has total variance 2; predicting 0 leaves all of it, x none."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert fvu(x, torch.zeros_like(x)).item() == pytest.approx(1.0)
+    assert fvu(x, x).item() == 0.0
+    # recon [[0.5, 0], [-0.5, 0]] leaves squared error 0.25 + 0.25 = 0.5 of 2.
+    assert fvu(x, 0.5 * x).item() == pytest.approx(0.25)
+
+
+def _sae_and_batch(variant: str = "topk", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(32, 96, make_activation(variant, 4), generator=gen)
+    x = next(synthetic_batches(seed=seed)) * 0.05
+    return sae, x
+
+
+def test_auxk_is_zero_without_dead_latents():
+    sae, x = _sae_and_batch()
+    out = sae(x)
+    dead = torch.zeros(96, dtype=torch.bool)
+    assert auxk_loss(sae, (x - out.recon).detach(), out.pre_acts, dead, 16).item() == 0.0
+
+
+def test_auxk_is_positive_with_dead_latents_and_trains_only_them():
+    """With latents 0..47 dead, the loss is > 0 and its gradient reaches only their weights."""
+    sae, x = _sae_and_batch()
+    out = sae(x)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[:48] = True
+    loss = auxk_loss(sae, (x - out.recon).detach(), out.pre_acts, dead, 16)
+    assert loss.item() > 0.0
+    loss.backward()
+    assert sae.W_dec.grad[:48].abs().sum() > 0 and not sae.W_dec.grad[48:].any()
+    assert sae.W_enc.grad[:, :48].abs().sum() > 0 and not sae.W_enc.grad[:, 48:].any()
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_train_step_keeps_decoder_unit_norm_and_reports(variant: str):
+    """After a step the decoder rows have unit norm; metrics and the fired mask are consistent."""
+    sae, x = _sae_and_batch(variant)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[:10] = True
+    result = train_step(sae, optimizer, x, dead, k_aux=16, aux_coef=1 / 32, grad_clip=1.0)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-6)
+    assert set(result.metrics) == {"loss", "fvu", "aux_loss", "l0"}
+    assert result.metrics["l0"] == pytest.approx(4.0)  # TopK exactly; BatchTopK on average
+    m = result.metrics
+    assert m["loss"] == pytest.approx(m["fvu"] + m["aux_loss"], rel=1e-5) and m["aux_loss"] > 0
+    assert result.fired.dtype == torch.bool and result.fired.shape == (96,)
+    assert 4 <= int(result.fired.sum()) <= 96
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_training_learns_synthetic_sparse_data(variant: str):
+    """200 steps on x = sparse codes @ dictionary lower FVU below 0.25 (from ~0.7 in the first
+    steps); the returned SAE (folded, eval mode) matches the training FVU on raw inputs and, for
+    BatchTopK, its inference L0 lands within 25% of k."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(32, 96, make_activation(variant, 4))
+    tracker = RecordingTracker()
+    summary = train_sae(sae, synthetic_batches(), make_cfg(), tracker, CPU)
+    first_fvu = tracker.logged[0][1]["train/fvu"]
+    assert first_fvu > 0.5
+    assert summary["fvu"] < 0.25
+    assert summary["inference_fvu_train"] == pytest.approx(summary["fvu"], abs=0.05)
+    assert summary["steps"] == 200 and summary["tokens"] == 200 * 256
+    assert summary["input_scale"] == pytest.approx(estimate_input_scale(synthetic_batches(), 1024))
+    assert 3.0 <= summary["inference_l0_train"] <= 5.0
+    assert not sae.training
+    if variant == "batchtopk":
+        assert summary["threshold"] == sae.activation.threshold.item() > 0
+    else:
+        assert "threshold" not in summary and summary["inference_l0_train"] == 4.0
+
+
+def test_training_logs_every_log_every_steps():
+    """25 steps with log_every 10: logs at steps 10, 20 and the last, 25, with the six keys."""
+    sae = SparseAutoencoder(32, 96, make_activation("topk", 4))
+    tracker = RecordingTracker()
+    train_sae(sae, synthetic_batches(), make_cfg(n_tokens=256 * 25), tracker, CPU)
+    assert [step for step, _ in tracker.logged] == [10, 20, 25]
+    keys = {"train/loss", "train/fvu", "train/aux_loss", "train/l0", "train/dead_fraction"}
+    assert set(tracker.logged[0][1]) == keys | {"train/lr"}
+    assert tracker.logged[-1][1]["train/lr"] == pytest.approx(lr_at(24, 25, 1e-2, 5, 0.2))
+    assert all(math.isfinite(v) for _, m in tracker.logged for v in m.values())
+
+
+def test_training_sets_b_dec_to_the_scaled_geometric_median_before_training():
+    """With lr tiny, b_dec ends at the first training batch's median, in raw units after folding.
+
+    The first 1024 tokens (4 batches) go to the scale; the 5th batch sets b_dec = median(c x);
+    folding divides b_dec by c, giving median(x) back.
+    """
+    sae = SparseAutoencoder(32, 96, make_activation("topk", 4))
+    cfg = make_cfg(n_tokens=256, lr=1e-12, warmup_steps=0)
+    train_sae(sae, synthetic_batches(), cfg, RecordingTracker(), CPU)
+    it = synthetic_batches()
+    for _ in range(4):
+        next(it)
+    assert torch.allclose(sae.b_dec, geometric_median(next(it)), rtol=1e-4, atol=1e-3)
+
+
+def test_training_fails_clearly_when_batches_run_out():
+    """5 batches: 4 go to the input scale, the 5th is step 0; step 1 finds none."""
+    batches = iter([next(synthetic_batches())] * 5)
+    sae = SparseAutoencoder(32, 96, make_activation("topk", 4))
+    with pytest.raises(ValueError, match="ran out at step 1"):
+        train_sae(sae, batches, make_cfg(), RecordingTracker(), CPU)
