@@ -56,12 +56,30 @@ def _pretrained_kwargs(cfg: ModelConfig, for_model: bool = False) -> tuple[str, 
     return cfg.name_or_path, kwargs
 
 
+def _from_pretrained(loader: Callable, cfg: ModelConfig, for_model: bool = False):
+    """``loader.from_pretrained`` with a hub id missing from the local cache (offline) turned into
+    a one-line ConfigError naming model.name_or_path."""
+    name, kwargs = _pretrained_kwargs(cfg, for_model)
+    extra = {"dtype": getattr(torch, cfg.dtype)} if for_model else {}
+    try:
+        return loader.from_pretrained(name, **kwargs, **extra)
+    except OSError as e:
+        raise ConfigError(
+            f"params: model.name_or_path must be a local model directory or a hub id in the "
+            f"local Hugging Face cache (nothing is downloaded); {name!r} failed: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+
+
 def n_layers_of(cfg: ModelConfig) -> int:
-    """Number of decoder layers, read from the model's config only (no weights loaded)."""
+    """Number of decoder layers, read from the model's config only (no weights loaded).
+
+    Raises:
+        ConfigError: the model cannot be found locally.
+    """
     from transformers import AutoConfig
 
-    name, kwargs = _pretrained_kwargs(cfg)
-    config = AutoConfig.from_pretrained(name, **kwargs)
+    config = _from_pretrained(AutoConfig, cfg)
     return int(config.get_text_config().num_hidden_layers)
 
 
@@ -79,20 +97,19 @@ def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer (a local directory or a hub id from the local cache)."""
     from transformers import AutoTokenizer
 
-    name, kwargs = _pretrained_kwargs(cfg)
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    return _from_pretrained(AutoTokenizer, cfg)
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     """Load the causal LM in ``cfg.dtype`` on ``device``, in eval mode, gradients off.
 
     A GGUF file is dequantised by transformers (needs the ``gguf`` package; ~30 s on 2 cores for
-    SmolLM2-135M). Raises ConfigError when the hookpoint's layer does not exist in the model.
+    SmolLM2-135M). Raises ConfigError when the model cannot be found locally or the hookpoint's
+    layer does not exist in it.
     """
     from transformers import AutoModelForCausalLM
 
-    name, kwargs = _pretrained_kwargs(cfg, for_model=True)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, cfg.dtype), **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, cfg, for_model=True)
     model.to(device).eval().requires_grad_(False)
     check_hookpoint(cfg, len(decoder_layers(model)))
     return model

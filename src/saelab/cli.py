@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -57,9 +58,17 @@ def prepare(params_path: str, out: str) -> None:
     cfg = load_params(params_path)
     check_hookpoint(cfg.model, n_layers_of(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
-    docs = read_corpus(cfg.data.corpus_dirs)
+    try:
+        docs = read_corpus(cfg.data.corpus_dirs)
+    except ValueError as e:
+        raise ConfigError(f"params: data.corpus_dirs must hold text documents ({e})") from e
     train_docs, eval_docs = split_documents(docs, cfg.data.eval_fraction, cfg.data.seed)
-    splits = prepare_tokens(train_docs, eval_docs, tokenizer, cfg.data.ctx_len, cfg.data.seed)
+    try:
+        splits = prepare_tokens(train_docs, eval_docs, tokenizer, cfg.data.ctx_len, cfg.data.seed)
+    except ValueError as e:
+        raise ConfigError(
+            f"params: data.ctx_len must leave each split a whole context ({e})"
+        ) from e
     attrs = {
         "corpus_dirs": list(cfg.data.corpus_dirs),
         "docs_per_source": {
@@ -188,8 +197,15 @@ def evaluate(
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # SystemExit unwinds the stack, so temp outputs (atomic_dir, ActivationWriter) are removed.
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: a ConfigError ends the command with one line naming the key (exit 2)."""
+    """Entry point: a ConfigError ends the command with one line naming the key (exit 2);
+    SIGTERM (a killed ``dvc repro``) unwinds like Ctrl-C, so no half-written output remains."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cli.main(args=argv, standalone_mode=False)
     except ConfigError as e:

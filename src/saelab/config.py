@@ -275,6 +275,12 @@ class PipelineConfig:
             "k",
             f"an integer in [1, sae.d_sae={self.sae.d_sae}]",
         )
+        for key in ("max_train_tokens", "max_eval_tokens"):
+            _require(
+                getattr(self.cache, key) >= self.data.ctx_len,
+                f"cache.{key}",
+                f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
+            )
         for section in (self.data, self.model, self.cache, self.sae, self.train, self.evaluate):
             section.validate()
         self.tracking.validate()

@@ -1,0 +1,97 @@
+"""config.py: params.yaml -> frozen dataclasses; every wrong key is one clear line."""
+
+import copy
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saelab.capture import check_hookpoint
+from saelab.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _with(path: str, value) -> dict:
+    raw = copy.deepcopy(DEFAULT)
+    *parents, leaf = path.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return raw
+
+
+def test_default_params_load_and_are_frozen() -> None:
+    """The committed params.yaml is valid, lists become tuples, and configs cannot be mutated."""
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg.k == DEFAULT["k"]
+    assert cfg.variants == tuple(DEFAULT["variants"])
+    assert cfg.model.layer == 15 and cfg.model.site == "resid_pre"
+    with pytest.raises(FrozenInstanceError):
+        cfg.k = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("k", 0, "k must be an integer in [1, sae.d_sae=4608]"),
+        ("k", 4609, "k must be an integer in [1, sae.d_sae=4608]"),
+        ("k", "32", "k must be of type int"),
+        ("variants", ["topk", "gated"], "variants must be names from"),
+        ("variants", [], "variants must be a non-empty list"),
+        ("model.hookpoint", "blocks.15.mlp_out", "model.hookpoint must be blocks.<layer>"),
+        ("model.name_or_path", "./no/such/model", "model.name_or_path must be an existing dir"),
+        ("model.gguf_file", "missing.gguf", "model.gguf_file must be a file inside"),
+        ("model.dtype", "float8", "model.dtype must be one of float32, bfloat16, float16"),
+        ("data.corpus_dirs", ["/no/such/corpus"], "data.corpus_dirs must be existing dir"),
+        ("data.corpus_dirs", [], "data.corpus_dirs must be a non-empty list"),
+        ("data.eval_fraction", 1.5, "data.eval_fraction must be a number in (0, 1)"),
+        ("cache.codec", "lzma", "cache.codec must be one of"),
+        ("train.lr", -1e-3, "train.lr must be null (auto) or a number > 0"),
+        ("train.n_tokens", 10, "train.n_tokens must be an integer >= batch_size"),
+        ("sae.exclude_norm_factor", 0.5, "sae.exclude_norm_factor must be null or a number > 1"),
+    ],
+)
+def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) -> None:
+    """A wrong value raises ConfigError whose single line names the key and what is allowed."""
+    with pytest.raises(ConfigError) as err:
+        parse_params(_with(key, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_is_named_with_the_allowed_ones() -> None:
+    """A typo (train.learning_rate) is an error listing the section's keys, not ignored."""
+    raw = copy.deepcopy(DEFAULT)
+    raw["train"]["learning_rate"] = 1e-3
+    with pytest.raises(ConfigError, match=r"unknown key train\.learning_rate \(allowed: train\."):
+        parse_params(raw)
+
+
+def test_missing_key_is_named() -> None:
+    """Every key is required: params.yaml is the one place hyperparameters live."""
+    raw = copy.deepcopy(DEFAULT)
+    del raw["evaluate"]["n_ctx"]
+    with pytest.raises(ConfigError, match=r"missing key evaluate\.n_ctx"):
+        parse_params(raw)
+
+
+def test_hookpoint_layer_out_of_range_lists_valid_ones() -> None:
+    """Layer 30 of a 30-layer model is an error naming the valid range [0, 29]."""
+    cfg = parse_params(_with("model.hookpoint", "blocks.30.hook_resid_post")).model
+    with pytest.raises(ConfigError, match=r"L in \[0, 29\] .*got blocks\.30\.hook_resid_post"):
+        check_hookpoint(cfg, n_layers=30)
+    check_hookpoint(parse_params(DEFAULT).model, n_layers=30)  # layer 15: fine
+
+
+def test_hub_id_is_accepted_without_a_local_directory() -> None:
+    """``org/name`` is a hub id (loaded from the local HF cache), not a missing path."""
+    cfg = parse_params(
+        {**_with("model.name_or_path", "HuggingFaceTB/SmolLM2-135M"),
+         "model": {**DEFAULT["model"], "name_or_path": "HuggingFaceTB/SmolLM2-135M",
+                   "gguf_file": None}}
+    )  # fmt: skip
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M"

@@ -1,0 +1,147 @@
+"""The DVC pipeline end to end: `dvc repro` and `dvc exp run` in a fresh copy of the project on
+the tiny Llama, with MLflow's default store at the repo root."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("topk", "batchtopk")
+PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
+PROJECT_DIRS = ("stages", "src")
+METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "fvu", "l0")
+
+
+def _copy_project(dest: Path) -> None:
+    for name in PROJECT_FILES:
+        shutil.copy(REPO / name, dest / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(
+            REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+
+
+def _env(repo: Path) -> dict[str, str]:
+    """The venv's python and dvc first on PATH, the copied src importable, a git identity, no
+    MLflow or DVC variables inherited from the shell running pytest, one thread per stage."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "MLFLOW_TRACKING_URI" and not k.startswith(("DVC_", "GIT_"))
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(repo / "src"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        GIT_AUTHOR_NAME="saelab-test",
+        GIT_AUTHOR_EMAIL="test@saelab.invalid",
+        GIT_COMMITTER_NAME="saelab-test",
+        GIT_COMMITTER_EMAIL="test@saelab.invalid",
+    )
+    return env
+
+
+def _run(repo: Path, *cmd: str) -> str:
+    """Run ``cmd`` in ``repo``; its stdout, or a failure showing both streams."""
+    result = subprocess.run(
+        cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=900
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-8000:]}"
+        )
+    return result.stdout
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    return _run(repo, str(Path(sys.executable).parent / "dvc"), *args)
+
+
+def _metrics(repo: Path) -> dict[str, dict]:
+    return {v: json.loads((repo / "metrics" / f"{v}.json").read_text()) for v in VARIANTS}
+
+
+def _assert_finite(metrics: dict[str, dict], k: int) -> None:
+    for variant, m in metrics.items():
+        assert m["variant"] == variant and m["k"] == k
+        for key in METRIC_KEYS:
+            assert math.isfinite(m[key]), (variant, key)
+
+
+def _experiments(shown: list[dict]) -> list[dict]:
+    """The experiment entries (with name, params and metrics) of ``dvc exp show --json``."""
+    found = []
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            found.extend(exp.get("revs") or [])
+    return found
+
+
+@pytest.mark.slow
+def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_params) -> None:
+    """`dvc repro` on a fresh clone writes finite metrics for every variant, which `dvc metrics
+    show` lists; `dvc exp run -S k=4` re-trains with k=4 (recorded by `dvc exp show`, the
+    metrics JSON and MLflow); every run logs to <repo root>/mlflow.db by default (2 variants x
+    2 pipeline runs), the experiment's runs tagged with its name; the pipeline ends up to date."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_project(repo)
+    params = make_tiny_params(tiny_llama_dir, tiny_corpus, None)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(repo, "git", "init", "-q")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.analytics", "false")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "project")
+
+    _dvc(repo, "repro")
+    _assert_finite(_metrics(repo), k=params["k"])
+    shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
+    (workspace,) = shown.values()  # keyed "" or "workspace", depending on the DVC version
+    listed = workspace["data"]
+    assert {f"metrics/{v}.json" for v in VARIANTS} <= set(listed)
+    assert listed["metrics/topk.json"]["data"]["fvu"] == _metrics(repo)["topk"]["fvu"]
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "baseline")
+    baseline = _run(repo, "git", "rev-parse", "HEAD").strip()
+
+    _dvc(repo, "exp", "run", "-S", "k=4")
+    _assert_finite(_metrics(repo), k=4)
+    assert _metrics(repo)["topk"]["l0"] == 4
+    exps = _experiments(json.loads(_dvc(repo, "exp", "show", "--json")))
+    assert len(exps) == 1
+    exp = exps[0]
+    assert exp["data"]["params"]["params.yaml"]["data"]["k"] == 4
+    exp_metrics = exp["data"]["metrics"]
+    for v in VARIANTS:
+        assert exp_metrics[f"metrics/{v}.json"]["data"]["k"] == 4
+    exp_name = exp["name"]
+    assert exp_name
+
+    from mlflow import MlflowClient
+
+    db = repo / "mlflow.db"
+    assert db.is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted((r.data.params["k"], r.data.tags["variant"]) for r in runs) == sorted(
+        (k, v) for k in ("4", str(params["k"])) for v in VARIANTS
+    )
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        in_exp = run.data.params["k"] == "4"
+        assert run.data.tags["dvc_exp_name"] == (exp_name if in_exp else "")
+        assert run.data.tags.get("dvc_exp_baseline_rev") == (baseline if in_exp else None)
+
+    assert json.loads(_dvc(repo, "status", "--json")) == {}

@@ -1,0 +1,128 @@
+"""tracking.py: where runs are logged (repo root, URI precedence), run lifecycle, metrics JSON."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saelab.tracking import flatten, mlflow_run, repo_root, tracking_uri, write_json_atomic
+
+
+@pytest.fixture
+def no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Neither DVC_ROOT nor MLFLOW_TRACKING_URI leaks in from the environment running pytest."""
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return monkeypatch
+
+
+def test_repo_root_climbs_out_of_a_dvc_exp_temp_copy(tmp_path: Path, no_tracking_env) -> None:
+    """A temp `dvc exp run` executes in <repo>/.dvc/tmp/exps/<tmpdir>: the root is <repo>, so
+    runs land in the store that outlives the throw-away copy."""
+    repo = tmp_path / "repo"
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    exp_copy.mkdir(parents=True)
+    no_tracking_env.setenv("DVC_ROOT", str(exp_copy))
+    assert repo_root() == repo.resolve()
+
+
+def test_repo_root_is_dvc_root_otherwise(tmp_path: Path, no_tracking_env) -> None:
+    """An ordinary DVC_ROOT is the root as is (resolved), even with a `.dvc` folder inside it."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc" / "tmp").mkdir(parents=True)
+    no_tracking_env.setenv("DVC_ROOT", str(repo))
+    assert repo_root() == repo.resolve()
+
+
+def test_repo_root_without_dvc_root_is_cwd(tmp_path: Path, no_tracking_env) -> None:
+    """Outside DVC (no DVC_ROOT) the root is the working directory."""
+    no_tracking_env.chdir(tmp_path)
+    assert repo_root() == tmp_path.resolve()
+
+
+def test_tracking_uri_precedence(tmp_path: Path, no_tracking_env) -> None:
+    """MLFLOW_TRACKING_URI beats params' tracking_uri, which beats sqlite:///<root>/mlflow.db."""
+    no_tracking_env.setenv("DVC_ROOT", str(tmp_path))
+    default = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri(None) == default
+    assert tracking_uri("sqlite:///configured.db") == "sqlite:///configured.db"
+    no_tracking_env.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert tracking_uri("sqlite:///configured.db") == "sqlite:///from-env.db"
+    assert tracking_uri(None) == "sqlite:///from-env.db"
+
+
+def test_default_tracking_uri_under_exp_copy_points_at_repo(tmp_path: Path, no_tracking_env):
+    """Under a `dvc exp` temp copy the default store is the repo's mlflow.db, not the copy's."""
+    repo = tmp_path / "repo"
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpxyz"
+    exp_copy.mkdir(parents=True)
+    no_tracking_env.setenv("DVC_ROOT", str(exp_copy))
+    assert tracking_uri(None) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+
+
+def test_flatten_joins_nested_keys_with_dots() -> None:
+    """Nested mappings become dotted keys; lists, None and scalars are leaves, kept as they are."""
+    tree = {"k": 8, "data": {"corpus_dirs": ["a", "b"], "split": {"seed": 0}}, "lr": None}
+    assert flatten(tree) == {
+        "k": 8,
+        "data.corpus_dirs": ["a", "b"],
+        "data.split.seed": 0,
+        "lr": None,
+    }
+    assert flatten({}) == {}
+
+
+def test_write_json_atomic_writes_json_and_no_temp_file(tmp_path: Path) -> None:
+    """The file holds exactly the data as JSON (parents created, an old file replaced) and no
+    temporary sibling is left in the directory."""
+    path = tmp_path / "metrics" / "topk.json"
+    write_json_atomic(path, {"fvu": 0.5, "variant": "old"})
+    data = {"variant": "topk", "k": 8, "fvu": 0.25, "l0": 8.0}
+    write_json_atomic(path, data)
+    assert json.loads(path.read_text()) == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["topk.json"]
+
+
+def test_mlflow_run_creates_reopens_and_finishes(tmp_path: Path) -> None:
+    """A first call creates a run (FINISHED on exit, tags and metrics kept); a second call with
+    its run_id logs into the same run instead of creating another."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_run("exp", uri, "topk", {"variant": "topk"}) as tracker:
+        tracker.log_params({"k": 8})
+        tracker.log_metrics({"train/fvu": 0.5}, step=3)
+        run_id = tracker.run_id
+    with mlflow_run("exp", uri, "topk", {"variant": "topk"}, run_id) as tracker:
+        assert tracker.run_id == run_id
+        tracker.log_metrics({"eval/fvu": 0.25})
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == "topk"
+    assert run.data.params == {"k": "8"}
+    assert run.data.metrics == {"train/fvu": 0.5, "eval/fvu": 0.25}
+    assert [m.step for m in client.get_metric_history(run_id, "train/fvu")] == [3]
+
+
+def test_mlflow_run_with_unknown_run_id_starts_a_new_run(tmp_path: Path) -> None:
+    """A run_id missing from the store (e.g. the SAE was trained against another store) starts
+    a fresh run rather than failing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_run("exp", uri, "topk", {}, run_id="0" * 32) as tracker:
+        assert tracker.run_id != "0" * 32
+
+
+def test_mlflow_run_marks_failed_and_reraises(tmp_path: Path) -> None:
+    """An exception inside the block ends the run FAILED and propagates unchanged."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError, match="boom"):
+        with mlflow_run("exp", uri, "batchtopk", {}) as tracker:
+            run_id = tracker.run_id
+            raise RuntimeError("boom")
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
