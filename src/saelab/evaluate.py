@@ -163,7 +163,8 @@ def run_evaluation(
         )
 
     metrics = reconstruction_metrics(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len))
-    metrics["max_norm"] = max_norm if max_norm is not None else float("inf")
+    if max_norm is not None:
+        metrics["max_norm"] = max_norm
     if sae.variant == "batchtopk":
         metrics["threshold"] = float(sae.activation.threshold)
         metrics["l0_batch_mode"] = batch_mode_l0(sae, batches(cfg.train.batch_size))
