@@ -316,8 +316,8 @@ def train_sae(
     """Train ``sae`` in place on raw activation batches ``[cfg.batch_size, d_in]``.
 
     Consumes ``cfg.scale_tokens`` tokens for the input scale, then ``cfg.n_steps`` batches (the
-    first also sets b_dec). Logs ``train/{loss,fvu,aux_loss,sparsity_loss,l0}`` (means since the
-    last log),
+    first also sets b_dec and initialises the activation). Logs
+    ``train/{loss,fvu,aux_loss,sparsity_loss,l0}`` (means since the last log),
     ``train/dead_fraction`` and ``train/lr`` every ``cfg.log_every`` steps. On return the input
     scale is folded into the weights, BatchTopK's (Sampled's) threshold is set, and the SAE is in
     eval mode and acts on raw activations.
