@@ -255,7 +255,8 @@ class JumpReLUParams:
     l0_coef: λ of the target-L0 loss ``λ (L0 / k - 1)^2``.
     init_threshold: initial θ of every latent, or null: the first batch's BatchTopK threshold,
         so that L0 starts at k.
-    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ).
+    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ;
+        at 1, θ cannot follow the encoder in a few hundred steps and L0 falls far below k).
     """
 
     bandwidth: float

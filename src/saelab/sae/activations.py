@@ -269,14 +269,20 @@ class JumpReLU(SparsityActivation):
     need its own λ sweep; the quadratic penalty around the target is dictionary_learning's
     ``JumpReluTrainer`` (saprmarks/dictionary_learning, ``trainers/jumprelu.py``,
     ``sparsity_coefficient * ((l0 / target_l0) - 1)^2``) and makes ``k`` mean the same as for
-    the top-k variants. It pushes θ up while L0 > k, down while L0 < k; the reconstruction loss
-    pushes θ down, so L0 settles slightly above k (closer for larger ``l0_coef``).
+    the top-k variants. It pushes θ up while L0 > k, down while L0 < k, against the
+    reconstruction loss, which pushes θ down; L0 settles near k (closer for larger ``l0_coef``).
 
-    Init: θ = ``init_threshold`` for every latent (the paper uses 0.001), or, when it is None,
-    the first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
-    relu(pre_acts), so L0 starts at k: with a few hundred steps θ (moving ~lr per step in log
-    space under Adam) could not travel from 0.001 to where L0 = k. ``threshold_lr_scale``
-    multiplies θ's learning rate (``lr_scale``) for the same reason.
+    Short runs (a few hundred steps, not the paper's ~100k): under Adam, log θ moves by about
+    lr per step, ~0.1 in all over 224 steps at lr 4e-4, while the encoder drifts; z gets
+    reconstruction gradient only where z > θ, so a latent pushed below θ stays off and L0 falls
+    (16 -> 2.6 on a synthetic run with k = 16). Hence two departures from the paper, both
+    optional:
+
+    - init: θ = ``init_threshold`` for every latent (the paper: 0.001), or, when it is None, the
+      first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
+      relu(pre_acts), so L0 starts at k;
+    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``; 30 brings the run
+      above to L0 16.4 and, on SmolLM2 layer 15 with k = 32, 224 steps, to L0 31.4).
     """
 
     variant = "jumprelu"
