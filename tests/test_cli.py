@@ -177,6 +177,33 @@ def test_evaluate_writes_finite_metrics(llama_run: Path, variant: str) -> None:
         assert metrics["threshold"] > 0
 
 
+@pytest.mark.parametrize("variant", ["jumprelu", "sampled"])  # relu: as jumprelu, no θ
+def test_new_variants_train_with_their_params_and_evaluate(
+    llama_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """train builds the variant from its variant_params section, which cfg.json records so
+    that load rebuilds it; evaluate writes finite metrics (Sampled: a positive threshold).
+    Own MLflow store, so that the llama_run store keeps one run per variant."""
+    params = _params(llama_run)
+    params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    data = llama_run / "data"
+    run_cli("train", "--params", path, "--variant", variant,
+            "--activations", data / "activations", "--out", "sae")  # fmt: skip
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["variant"] == variant and cfg["k"] == K
+    assert cfg["hparams"] == params["variant_params"][variant]
+    sae = SparseAutoencoder.load(tmp_path / "sae")
+    assert sae.activation.hparams() == params["variant_params"][variant]
+    run_cli("evaluate", "--params", path, "--variant", variant, "--tokens", data / "tokens",
+            "--activations", data / "activations", "--sae", "sae", "--out", "m.json")  # fmt: skip
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key in ("ce_spliced", "ce_loss_recovered", "fvu", "l0"):
+        assert math.isfinite(metrics[key]), key
+    assert ("threshold" in metrics) == (variant == "sampled")
+
+
 def test_mlflow_has_one_run_per_variant(llama_run: Path) -> None:
     """One FINISHED run per variant in the configured store: train/ metrics logged every
     log_every steps, the params, and the eval/ metrics equal to the metrics JSON."""
@@ -225,7 +252,7 @@ MISSING, EMPTY = "<missing dir>", "<empty dir>"
 BAD_PARAMS = [
     pytest.param("k", 0, id="k=0"),
     pytest.param("k", D_SAE + 1, id="k>d_sae"),
-    pytest.param("variants", ["topk", "jumprelu"], id="unknown-variant"),
+    pytest.param("variants", ["topk", "gated"], id="unknown-variant"),
     pytest.param("model.hookpoint", "blocks.99.hook_resid_pre", id="layer-out-of-range"),
     pytest.param("model.name_or_path", MISSING, id="missing-model"),
     pytest.param("data.corpus_dirs", [MISSING], id="missing-corpus"),
@@ -282,7 +309,7 @@ def test_prepare_rejects_bad_params(tmp_path, llama_params, capsys, key, value) 
     [
         pytest.param("model.hookpoint", "blocks.99.hook_resid_pre", id="layer-out-of-range"),
         pytest.param("data.corpus_dirs", [EMPTY], id="empty-corpus"),
-    pytest.param("cache.max_eval_tokens", 16, id="cache-below-one-context"),
+        pytest.param("cache.max_eval_tokens", 16, id="cache-below-one-context"),
     ],
 )
 def test_prepare_stage_script_prints_one_line(tmp_path, llama_params, key, value) -> None:
@@ -329,7 +356,7 @@ def test_unknown_variant_option_is_a_usage_error(tmp_path, llama_params, capsys)
     (tmp_path / "acts").mkdir()
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("train", "--params", params, "--variant", "jumprelu", "--activations",
+        run_cli("train", "--params", params, "--variant", "gated", "--activations",
                 tmp_path / "acts", "--out", tmp_path / "out")  # fmt: skip
     assert exit_info.value.code == 2
     assert "--variant" in capsys.readouterr().err

@@ -53,6 +53,16 @@ def test_default_params_load_and_are_frozen() -> None:
         ("train.lr", -1e-3, "train.lr must be null (auto) or a number > 0"),
         ("train.n_tokens", 10, "train.n_tokens must be an integer >= batch_size"),
         ("sae.exclude_norm_factor", 0.5, "sae.exclude_norm_factor must be null or a number > 1"),
+        ("variant_params.relu.l1_coef", -0.1, "variant_params.relu.l1_coef must be a number >= 0"),
+        ("variant_params.jumprelu.bandwidth", 0, "jumprelu.bandwidth must be a number > 0"),
+        ("variant_params.jumprelu.l0_coef", -1, "jumprelu.l0_coef must be a number >= 0"),
+        ("variant_params.jumprelu.init_threshold", 0.0, "init_threshold must be null (from"),
+        ("variant_params.jumprelu.threshold_lr_scale", 0, "threshold_lr_scale must be a number >"),
+        ("variant_params.sampled.l", 0, "variant_params.sampled.l must be an integer >= 1"),
+        ("variant_params.sampled.l", 2.5, "variant_params.sampled.l must be of type int"),
+        ("variant_params.sampled.score", "l1", "sampled.score must be one of l2, squared_l2, ent"),
+        ("variant_params.sampled.pool", "random", "sampled.pool must be one of top, sample"),
+        ("variant_params.topk", None, "variant_params.topk must be a mapping of NoParams keys"),
     ],
 )
 def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) -> None:
@@ -95,3 +105,30 @@ def test_hub_id_is_accepted_without_a_local_directory() -> None:
                    "gguf_file": None}}
     )  # fmt: skip
     assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_variant_params_unknown_and_missing_keys_are_named() -> None:
+    """A typo in a variant's section, a key under a variant that takes none, or a missing
+    section are errors naming the dotted key."""
+    with pytest.raises(ConfigError, match=r"unknown key variant_params\.jumprelu\.theta "
+                       r"\(allowed: variant_params\.jumprelu\.bandwidth, "):  # fmt: skip
+        parse_params(_with("variant_params.jumprelu.theta", 0.1))
+    with pytest.raises(ConfigError, match=r"unknown key variant_params\.topk\.l \(allowed: none\)"):
+        parse_params(_with("variant_params.topk.l", 2))
+    raw = copy.deepcopy(DEFAULT)
+    del raw["variant_params"]["sampled"]
+    with pytest.raises(ConfigError, match=r"missing key variant_params\.sampled"):
+        parse_params(raw)
+
+
+def test_variant_params_give_make_activation_keywords() -> None:
+    """of(variant) is the variant's section as a dict (empty for topk/batchtopk), and every
+    variant builds from the committed params.yaml."""
+    from saelab.sae import make_activation
+
+    cfg = parse_params(_with("variants", ["topk", "batchtopk", "relu", "jumprelu", "sampled"]))
+    assert cfg.variant_params.of("topk") == {} == cfg.variant_params.of("batchtopk")
+    assert cfg.variant_params.of("sampled") == DEFAULT["variant_params"]["sampled"]
+    for variant in cfg.variants:
+        act = make_activation(variant, cfg.k, **cfg.variant_params.of(variant))
+        assert act.hparams() == DEFAULT["variant_params"][variant]

@@ -15,6 +15,7 @@ from saelab.train import (
     fvu,
     geometric_median,
     lr_at,
+    param_groups,
     train_sae,
     train_step,
 )
@@ -197,10 +198,11 @@ def test_train_step_keeps_decoder_unit_norm_and_reports(variant: str):
     dead[:10] = True
     result = train_step(sae, optimizer, x, dead, k_aux=16, aux_coef=1 / 32, grad_clip=1.0)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-6)
-    assert set(result.metrics) == {"loss", "fvu", "aux_loss", "l0"}
+    assert set(result.metrics) == {"loss", "fvu", "aux_loss", "sparsity_loss", "l0"}
     assert result.metrics["l0"] == pytest.approx(4.0)  # TopK exactly; BatchTopK on average
     m = result.metrics
     assert m["loss"] == pytest.approx(m["fvu"] + m["aux_loss"], rel=1e-5) and m["aux_loss"] > 0
+    assert m["sparsity_loss"] == 0.0
     assert result.fired.dtype == torch.bool and result.fired.shape == (96,)
     assert 4 <= int(result.fired.sum()) <= 96
 
@@ -229,12 +231,13 @@ def test_training_learns_synthetic_sparse_data(variant: str):
 
 
 def test_training_logs_every_log_every_steps():
-    """25 steps with log_every 10: logs at steps 10, 20 and the last, 25, with the six keys."""
+    """25 steps with log_every 10: logs at steps 10, 20 and the last, 25, with the seven keys."""
     sae = SparseAutoencoder(32, 96, make_activation("topk", 4))
     tracker = RecordingTracker()
     train_sae(sae, synthetic_batches(), make_cfg(n_tokens=256 * 25), tracker, CPU)
     assert [step for step, _ in tracker.logged] == [10, 20, 25]
-    keys = {"train/loss", "train/fvu", "train/aux_loss", "train/l0", "train/dead_fraction"}
+    keys = {"train/loss", "train/fvu", "train/aux_loss", "train/sparsity_loss", "train/l0"}
+    keys |= {"train/dead_fraction"}
     assert set(tracker.logged[0][1]) == keys | {"train/lr"}
     assert tracker.logged[-1][1]["train/lr"] == pytest.approx(lr_at(24, 25, 1e-2, 5, 0.2))
     assert all(math.isfinite(v) for _, m in tracker.logged for v in m.values())
@@ -261,3 +264,80 @@ def test_training_fails_clearly_when_batches_run_out():
     sae = SparseAutoencoder(32, 96, make_activation("topk", 4))
     with pytest.raises(ValueError, match="ran out at step 1"):
         train_sae(sae, batches, make_cfg(), RecordingTracker(), CPU)
+
+
+# --------------------------------------------------------------------------- new variants
+
+HPARAMS = {
+    "relu": {"l1_coef": 0.05},
+    "jumprelu": {
+        "bandwidth": 0.001,
+        "l0_coef": 1.0,
+        "init_threshold": None,
+        "threshold_lr_scale": 1,
+    },
+    "sampled": {"l": 16, "score": "l2", "pool": "sample", "seed": 0},
+}
+
+
+def _new_sae(variant: str, **hparams) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    return SparseAutoencoder(32, 96, make_activation(variant, 4, **(HPARAMS[variant] | hparams)))
+
+
+@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
+def test_train_step_adds_the_sparsity_loss_and_no_auxk(variant: str):
+    """ReLU and JumpReLU: loss = fvu + sparsity_loss (> 0), and no AuxK even with dead latents
+    (their dead latents get gradient from the sparsity term / the threshold instead)."""
+    sae, x = _new_sae(variant), next(synthetic_batches()) * 0.05
+    sae.activation.init_from_batch_(sae.encode_pre(x))  # JumpReLU: L0 = k, so push it off k
+    if variant == "jumprelu":
+        with torch.no_grad():
+            sae.activation.log_threshold.sub_(1.0)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    dead = torch.ones(96, dtype=torch.bool)
+    m = train_step(sae, optimizer, x, dead, k_aux=16, aux_coef=1 / 32, grad_clip=1.0).metrics
+    assert m["aux_loss"] == 0.0 and m["sparsity_loss"] > 0
+    assert m["loss"] == pytest.approx(m["fvu"] + m["sparsity_loss"], rel=1e-5)
+
+
+def test_param_groups_give_jumprelu_thresholds_their_lr_scale():
+    """The SAE's weights get lr_scale 1; JumpReLU's log_threshold its threshold_lr_scale."""
+    sae = _new_sae("jumprelu", threshold_lr_scale=5.0)
+    groups = param_groups(sae)
+    assert [g["lr_scale"] for g in groups] == [1.0, 5.0]
+    assert groups[1]["params"] == [sae.activation.log_threshold]
+    assert len(groups[0]["params"]) == 4
+    assert [g["lr_scale"] for g in param_groups(_new_sae("relu"))] == [1.0]
+
+
+def test_jumprelu_training_lands_near_target_l0():
+    """200 steps with the target-L0 loss: train and inference L0 within 30% of k = 4, FVU
+    below 0.3; θ is learned per latent (no longer the single first-batch value) and fp32."""
+    sae = _new_sae("jumprelu")
+    summary = train_sae(sae, synthetic_batches(), make_cfg(), RecordingTracker(), CPU)
+    assert 2.8 <= summary["l0"] <= 5.2 and 2.8 <= summary["inference_l0_train"] <= 5.2
+    assert summary["fvu"] < 0.3 and summary["sparsity_loss"] > 0 and summary["aux_loss"] == 0
+    assert "threshold" not in summary
+    theta = sae.activation.threshold
+    assert theta.dtype == torch.float32 and theta.std() > 0.01 * theta.mean()
+
+
+def test_relu_l1_lowers_l0():
+    """60 steps: the L1 penalty gives a sparser code than l1_coef = 0 (plain ReLU)."""
+    cfg = make_cfg(n_tokens=256 * 60)
+    dense = train_sae(
+        _new_sae("relu", l1_coef=0.0), synthetic_batches(), cfg, RecordingTracker(), CPU
+    )
+    sparse = train_sae(_new_sae("relu"), synthetic_batches(), cfg, RecordingTracker(), CPU)
+    assert sparse["l0"] < 0.8 * dense["l0"] and sparse["sparsity_loss"] > 0
+    assert dense["sparsity_loss"] == 0.0
+
+
+def test_sampled_training_sets_a_threshold_like_batchtopk():
+    """Sampled with a 64-feature pool trains like BatchTopK: L0 exactly k in training, a
+    positive global threshold, inference L0 within 30% of k."""
+    sae = _new_sae("sampled")
+    summary = train_sae(sae, synthetic_batches(), make_cfg(), RecordingTracker(), CPU)
+    assert summary["l0"] == 4.0 and summary["threshold"] == sae.activation.threshold.item() > 0
+    assert 2.8 <= summary["inference_l0_train"] <= 5.2 and summary["fvu"] < 0.35

@@ -143,7 +143,8 @@ def train(params_path: str, variant: str, activations: str, out: str) -> None:
         max_norm,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    sae = SparseAutoencoder(store.d_in, cfg.sae.d_sae, make_activation(variant, cfg.k), generator)
+    activation = make_activation(variant, cfg.k, **cfg.variant_params.of(variant))
+    sae = SparseAutoencoder(store.d_in, cfg.sae.d_sae, activation, generator)
     uri = tracking_uri(cfg.tracking.tracking_uri)
     with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant)) as tracker:
         tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})

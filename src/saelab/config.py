@@ -17,7 +17,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-VARIANTS = ("topk", "batchtopk")
+VARIANTS = ("topk", "batchtopk", "relu", "jumprelu", "sampled")
+# Sampled-SAE choices; the same tuples as saelab.sae.activations (kept torch-free here, a test
+# checks they agree).
+SAMPLED_SCORES = ("l2", "squared_l2", "entropy")
+SAMPLED_POOLS = ("top", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -219,6 +223,104 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class NoParams:
+    """topk, batchtopk: no hyperparameter besides k (``{}`` in params.yaml)."""
+
+    def validate(self) -> None:
+        """Nothing to check."""
+
+
+@dataclass(frozen=True)
+class ReLUParams:
+    """relu: ReLU + decoder-norm-weighted L1 (Conerly et al. 2024, April update).
+
+    l1_coef: weight of ``mean_t sum_i f_ti ||W_dec,i||`` next to the FVU loss. It sets L0 (k is
+        not used by this variant); FVU is normalised by the batch variance, so the equivalent of
+        the update's λ on the summed squared error of inputs with E||x||^2 = d_in is about
+        λ / d_in.
+    """
+
+    l1_coef: float
+
+    def validate(self) -> None:
+        _require(self.l1_coef >= 0, "variant_params.relu.l1_coef", "a number >= 0")
+
+
+@dataclass(frozen=True)
+class JumpReLUParams:
+    """jumprelu: JumpReLU trained to L0 = k (Rajamanoharan et al. 2024; loss: activations.py).
+
+    bandwidth: width ε of the rectangle kernel of the straight-through estimator, in units of
+        the scaled pre-activations (the paper: 0.001).
+    l0_coef: λ of the target-L0 loss ``λ (L0 / k - 1)^2``.
+    init_threshold: initial θ of every latent, or null: the first batch's BatchTopK threshold,
+        so that L0 starts at k.
+    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ;
+        at 1, θ cannot follow the encoder in a few hundred steps and L0 falls far below k).
+    """
+
+    bandwidth: float
+    l0_coef: float
+    init_threshold: float | None
+    threshold_lr_scale: float
+
+    def validate(self) -> None:
+        key = "variant_params.jumprelu"
+        _require(self.bandwidth > 0, f"{key}.bandwidth", "a number > 0")
+        _require(self.l0_coef >= 0, f"{key}.l0_coef", "a number >= 0")
+        _require(
+            self.init_threshold is None or self.init_threshold > 0,
+            f"{key}.init_threshold",
+            "null (from the first batch) or a number > 0",
+        )
+        _require(self.threshold_lr_scale > 0, f"{key}.threshold_lr_scale", "a number > 0")
+
+
+@dataclass(frozen=True)
+class SampledParams:
+    """sampled: Sampled-SAE (Oozeer et al. 2025), BatchTopK within a pool of ``k * l`` features.
+
+    l: pool size factor (1: only k candidate features per batch; large: plain BatchTopK).
+    score: feature score over the batch, one of :data:`SAMPLED_SCORES`.
+    pool: ``top`` (the k * l best scores) or ``sample`` (drawn proportionally to the score).
+    seed: seed of the pool draw's generator.
+    """
+
+    l: int  # noqa: E741 - the paper's name
+    score: str
+    pool: str
+    seed: int
+
+    def validate(self) -> None:
+        key = "variant_params.sampled"
+        _require(self.l >= 1, f"{key}.l", "an integer >= 1")
+        _require(
+            self.score in SAMPLED_SCORES, f"{key}.score", f"one of {', '.join(SAMPLED_SCORES)}"
+        )
+        _require(self.pool in SAMPLED_POOLS, f"{key}.pool", f"one of {', '.join(SAMPLED_POOLS)}")
+
+
+@dataclass(frozen=True)
+class VariantParams:
+    """Per-variant hyperparameters, one section per name of :data:`VARIANTS` (all required, so
+    that ``dvc.yaml`` can list ``variant_params.<variant>`` for every train stage)."""
+
+    topk: NoParams
+    batchtopk: NoParams
+    relu: ReLUParams
+    jumprelu: JumpReLUParams
+    sampled: SampledParams
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+
+    def of(self, variant: str) -> dict[str, Any]:
+        """The keyword arguments of ``make_activation(variant, k, **...)``."""
+        return dataclasses.asdict(getattr(self, variant))
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """evaluate stage.
 
@@ -251,12 +353,14 @@ class TrackingConfig:
 class PipelineConfig:
     """The whole of params.yaml.
 
-    k: target mean L0 (active latents per token) of every variant.
+    k: target mean L0 (active latents per token) of every variant (relu: set by its l1_coef).
     variants: SAE variants to train and evaluate, from :data:`VARIANTS`.
+    variant_params: each variant's own hyperparameters.
     """
 
     k: int
     variants: tuple[str, ...]
+    variant_params: VariantParams
     data: DataConfig
     model: ModelConfig
     cache: CacheConfig
@@ -281,7 +385,8 @@ class PipelineConfig:
                 f"cache.{key}",
                 f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
             )
-        for section in (self.data, self.model, self.cache, self.sae, self.train, self.evaluate):
+        sections = (self.data, self.model, self.cache, self.sae, self.train, self.evaluate)
+        for section in (*sections, self.variant_params):
             section.validate()
         self.tracking.validate()
 
@@ -321,9 +426,8 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     dot = f"{prefix}." if prefix else ""
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(
-            f"params: unknown key {dot}{unknown[0]} (allowed: {', '.join(dot + n for n in names)})"
-        )
+        allowed = ", ".join(dot + n for n in names) or "none"
+        raise ConfigError(f"params: unknown key {dot}{unknown[0]} (allowed: {allowed})")
     missing = [n for n in names if n not in raw]
     if missing:
         raise ConfigError(f"params: missing key {dot}{missing[0]}")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from saelab.capture import Replacement, hook_resid, splice_fn
 from saelab.config import ModelConfig, PipelineConfig
+from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,9 @@ def run_evaluation(
     """The evaluate stage's metrics for the SAE in ``sae_dir`` (definitions: module docstring).
 
     Reconstruction and sparsity on every cached eval token; downstream CE/KL on the first
-    ``cfg.evaluate.n_ctx`` eval contexts. For BatchTopK, ``l0`` is the inference-time L0 (global
-    threshold θ) and ``l0_batch_mode`` the training-time rule's L0 at the training batch size.
+    ``cfg.evaluate.n_ctx`` eval contexts. For BatchTopK and Sampled, ``l0`` is the inference-time
+    L0 (global threshold θ) and ``l0_batch_mode`` the training-time rule's L0 at the training
+    batch size.
     """
     from saelab.capture import load_model, resolve_device
     from saelab.data import read_tokens
@@ -165,7 +167,7 @@ def run_evaluation(
     metrics = reconstruction_metrics(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len))
     if max_norm is not None:
         metrics["max_norm"] = max_norm
-    if sae.variant == "batchtopk":
+    if isinstance(sae.activation, BatchTopK):  # batchtopk, sampled
         metrics["threshold"] = float(sae.activation.threshold)
         metrics["l0_batch_mode"] = batch_mode_l0(sae, batches(cfg.train.batch_size))
     device = resolve_device(cfg.model.device)

@@ -2,7 +2,8 @@
 
 The loop follows the recipe shared by Gao et al. 2024 (TopK SAEs) and Bussmann et al. 2024
 (BatchTopK): inputs scaled so that E||x||^2 = d_in, b_dec initialised at the geometric median of a
-first batch, Adam, FVU loss plus the AuxK loss on dead latents, decoder rows kept at unit norm with
+first batch, Adam, FVU loss plus the AuxK loss on dead latents (top-k families) and the
+activation's own sparsity loss (L1 for ReLU, L0 for JumpReLU), decoder rows kept at unit norm with
 the parallel gradient removed, linear warm-up and linear decay of the learning rate. At the end the
 input scale is folded into the weights, so the returned SAE acts on raw activations.
 
@@ -24,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saelab.config import TrainConfig
+from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ _INFERENCE_L0_BATCHES = 4  # last training batches on which the eval-mode SAE is
 
 
 class StepResult(NamedTuple):
-    """metrics: loss, fvu, aux_loss, l0 (floats); fired [d_sae] bool: nonzero somewhere in x."""
+    """metrics: loss, fvu, aux_loss, sparsity_loss, l0 (floats); fired [d_sae] bool: nonzero
+    somewhere in x."""
 
     metrics: dict[str, float]
     fired: Tensor
@@ -157,18 +160,22 @@ def train_step(
 ) -> StepResult:
     """One optimisation step on ``x [batch, d_in]`` (already scaled); ``dead [d_sae]`` bool.
 
-    loss = fvu(x, recon) + aux_coef * auxk_loss; backward; remove the decoder gradient parallel to
-    its rows; clip the gradient norm to ``grad_clip``; optimizer step; renormalise decoder rows.
-    ``aux_loss`` in the metrics is the weighted term, so ``loss = fvu + aux_loss``; ``l0`` is the
-    mean number of nonzero acts per token.
+    loss = fvu(x, recon) + aux_coef * auxk_loss + sparsity_loss, where AuxK applies only when the
+    activation ``uses_auxk`` (top-k families) and ``sparsity_loss`` is the activation's own
+    weighted penalty (:meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss`, 0 for
+    the top-k families); backward; remove the decoder gradient parallel to its rows; clip the
+    gradient norm to ``grad_clip``; optimizer step; renormalise decoder rows. ``aux_loss`` and
+    ``sparsity_loss`` in the metrics are the weighted terms, so
+    ``loss = fvu + aux_loss + sparsity_loss``; ``l0`` is the mean number of nonzero acts per token.
     """
     out = sae(x)
     fvu_loss = fvu(x, out.recon)
     aux = out.pre_acts.new_zeros(())
-    if aux_coef > 0:
+    if aux_coef > 0 and sae.activation.uses_auxk:
         residual_BD = (x - out.recon).detach()
         aux = aux_coef * auxk_loss(sae, residual_BD, out.pre_acts, dead, k_aux)
-    loss = fvu_loss + aux
+    sparsity = sae.activation.sparsity_loss(out.pre_acts, out.acts, sae.W_dec)
+    loss = fvu_loss + aux + sparsity
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_decoder_grad_()
@@ -178,8 +185,8 @@ def train_step(
     with torch.no_grad():
         active_BS = out.acts > 0
         l0 = active_BS.sum(dim=1).float().mean()
-        metrics = torch.stack([loss.detach(), fvu_loss.detach(), aux.detach(), l0])
-    names = ("loss", "fvu", "aux_loss", "l0")
+        metrics = torch.stack([loss, fvu_loss, aux, sparsity.float(), l0]).detach()
+    names = ("loss", "fvu", "aux_loss", "sparsity_loss", "l0")
     return StepResult(dict(zip(names, metrics.tolist(), strict=True)), active_BS.any(dim=0))
 
 
@@ -232,22 +239,38 @@ def _init_scale_and_b_dec(
 ) -> tuple[float, Iterator[Tensor]]:
     """Estimate the input scale on (and consume) the first ``cfg.scale_tokens`` tokens, then set
     b_dec to the geometric median of the next, scaled batch, which stays first in the returned
-    iterator."""
+    iterator; that batch's pre-activations then initialise the activation
+    (:meth:`~saelab.sae.activations.SparsityActivation.init_from_batch_`, e.g. JumpReLU's θ)."""
     scale = estimate_input_scale(batches, cfg.scale_tokens)
     first_BD = _next_batch(batches, 0, sae.d_in, device)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(first_BD * scale))
+        sae.activation.init_from_batch_(sae.encode_pre(first_BD * scale))
     return scale, itertools.chain([first_BD], batches)
 
 
+def param_groups(sae: SparseAutoencoder) -> list[dict]:
+    """Adam parameter groups: the SAE's weights (``lr_scale`` 1) and, if it has any, the
+    activation's own parameters with the activation's ``lr_scale`` (JumpReLU's thresholds).
+    The loop sets each group's lr to the scheduled lr times its ``lr_scale``."""
+    own = {id(p) for p in sae.activation.parameters()}
+    groups = [{"params": [p for p in sae.parameters() if id(p) not in own], "lr_scale": 1.0}]
+    if own:
+        groups.append(
+            {"params": list(sae.activation.parameters()), "lr_scale": sae.activation.lr_scale}
+        )
+    return groups
+
+
 def _set_threshold(sae: SparseAutoencoder, min_kept: list[float]) -> float | None:
-    """BatchTopK's inference threshold θ: the mean of the batches' smallest kept activations over
-    the final ``threshold_fraction`` of the steps (Bussmann et al. 2024, sec. 3 average over the
-    whole run; early batches come from a different network and bias θ, so we use the end only).
-    Returns θ, or None when the activation has no threshold."""
-    threshold = getattr(sae.activation, "threshold", None)
-    if threshold is None:
+    """BatchTopK's (and Sampled's) inference threshold θ: the mean of the batches' smallest kept
+    activations over the final ``threshold_fraction`` of the steps (Bussmann et al. 2024, sec. 3
+    average over the whole run; early batches come from a different network and bias θ, so we
+    use the end only). Returns θ, or None when the activation estimates no global threshold
+    (JumpReLU learns its per-latent θ by gradient instead)."""
+    if not isinstance(sae.activation, BatchTopK):
         return None
+    threshold = sae.activation.threshold
     valid = [v for v in min_kept if not math.isnan(v)]
     if not valid:
         logger.warning(
@@ -293,22 +316,24 @@ def train_sae(
     """Train ``sae`` in place on raw activation batches ``[cfg.batch_size, d_in]``.
 
     Consumes ``cfg.scale_tokens`` tokens for the input scale, then ``cfg.n_steps`` batches (the
-    first also sets b_dec). Logs ``train/{loss,fvu,aux_loss,l0}`` (means since the last log),
+    first also sets b_dec and initialises the activation). Logs
+    ``train/{loss,fvu,aux_loss,sparsity_loss,l0}`` (means since the last log),
     ``train/dead_fraction`` and ``train/lr`` every ``cfg.log_every`` steps. On return the input
-    scale is folded into the weights, BatchTopK's threshold is set, and the SAE is in eval mode
-    and acts on raw activations.
+    scale is folded into the weights, BatchTopK's (Sampled's) threshold is set, and the SAE is in
+    eval mode and acts on raw activations.
 
     Returns:
-        steps, tokens, input_scale, lr (peak), fvu / l0 / aux_loss (train, mean of the final
-        steps), dead_fraction, seconds, tokens_per_s, inference_l0_train / inference_fvu_train
-        (the returned SAE on the last training batches, raw units) and, for BatchTopK, threshold.
+        steps, tokens, input_scale, lr (peak), fvu / l0 / aux_loss / sparsity_loss (train, mean
+        of the final steps), dead_fraction, seconds, tokens_per_s, inference_l0_train /
+        inference_fvu_train (the returned SAE on the last training batches, raw units) and, for
+        BatchTopK and Sampled, threshold.
     """
     torch.manual_seed(cfg.seed)
     sae.to(device).train()
     scale, it = _init_scale_and_b_dec(sae, iter(batches), cfg, device)
     peak_lr = cfg.lr if cfg.lr is not None else auto_lr(sae.d_sae)
     optimizer = torch.optim.Adam(
-        sae.parameters(), lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
+        param_groups(sae), lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
     )
     n_steps = cfg.n_steps
     threshold_start = n_steps - max(1, math.ceil(n_steps * cfg.threshold_fraction))
@@ -321,7 +346,7 @@ def train_sae(
         x_raw_BD = _next_batch(it, step, sae.d_in, device)
         lr = lr_at(step, n_steps, peak_lr, cfg.warmup_steps, cfg.lr_decay_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         result = train_step(sae, optimizer, x_raw_BD * scale, state.dead(), **step_kwargs)
         state.record(result, x_raw_BD)
         tokens += x_raw_BD.shape[0]
@@ -351,7 +376,10 @@ def _finish(
         "tokens": float(tokens),
         "input_scale": scale,
         "lr": peak_lr,
-        **{key: _mean(m[key] for m in state.final) for key in ("fvu", "l0", "aux_loss")},
+        **{
+            key: _mean(m[key] for m in state.final)
+            for key in ("fvu", "l0", "aux_loss", "sparsity_loss")
+        },
         "dead_fraction": float(state.dead().float().mean()),
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,

@@ -3,6 +3,9 @@
 from saelab.sae.activations import (
     ACTIVATIONS,
     BatchTopK,
+    JumpReLU,
+    ReLU,
+    Sampled,
     SparsityActivation,
     TopK,
     make_activation,
@@ -12,7 +15,10 @@ from saelab.sae.model import SAEOutput, SparseAutoencoder
 __all__ = [
     "ACTIVATIONS",
     "BatchTopK",
+    "JumpReLU",
+    "ReLU",
     "SAEOutput",
+    "Sampled",
     "SparseAutoencoder",
     "SparsityActivation",
     "TopK",

@@ -10,6 +10,9 @@ the output has the input's dtype).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -23,13 +26,45 @@ class SparsityActivation(nn.Module):
 
     Subclasses set the class attribute ``variant`` (the name used by :func:`make_activation` and
     stored in ``cfg.json``) and expose ``k``, the target mean number of active latents per token.
+    The hooks below have neutral defaults, so a strategy overrides only what it needs:
+
+    - ``uses_auxk``: whether the trainer adds the AuxK loss on dead latents (Gao et al. 2024,
+      appendix A.2); true for the top-k families, whose dead latents get no other gradient.
+    - :meth:`bind`: called once by the SAE with its width, to create per-latent state.
+    - :meth:`init_from_batch_`: called once by the trainer on the first (scaled) batch.
+    - :meth:`sparsity_loss`: a penalty added to the training loss (L1, L0, ...).
+    - :meth:`hparams`: the constructor's keyword arguments, saved in ``cfg.json`` so that
+      ``make_activation(variant, k, **hparams)`` rebuilds the same strategy on load.
+    - ``lr_scale``: learning-rate multiplier for the strategy's own parameters (if any).
     """
 
     variant: str = ""
+    uses_auxk: bool = False
+    lr_scale: float = 1.0
     k: int
 
     def forward(self, pre_acts: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def bind(self, d_sae: int) -> None:
+        """Size per-latent state for ``d_sae`` latents (called by ``SparseAutoencoder``)."""
+
+    @torch.no_grad()
+    def init_from_batch_(self, pre_acts: Tensor) -> None:
+        """Data-dependent init from the first training batch's ``pre_acts [batch, d_sae]``."""
+
+    def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+        """Weighted sparsity penalty, a scalar attached to the graph; 0 unless overridden.
+
+        Args:
+            pre_acts: [batch, d_sae], acts: [batch, d_sae] (this module's output on pre_acts),
+            W_dec: [d_sae, d_in], the decoder (for norm-weighted penalties).
+        """
+        return pre_acts.new_zeros(())
+
+    def hparams(self) -> dict[str, Any]:
+        """Hyperparameters besides k, JSON-serialisable (``make_activation`` keywords)."""
+        return {}
 
 
 class TopK(SparsityActivation):
@@ -40,6 +75,7 @@ class TopK(SparsityActivation):
     """
 
     variant = "topk"
+    uses_auxk = True
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -73,12 +109,13 @@ class BatchTopK(SparsityActivation):
     """
 
     variant = "batchtopk"
+    uses_auxk = True
     threshold: Tensor
 
     def __init__(self, k: int) -> None:
         super().__init__()
         if k <= 0:
-            raise ValueError(f"BatchTopK: k must be > 0, got {k}")
+            raise ValueError(f"{type(self).__name__}: k must be > 0, got {k}")
         self.k = k
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.last_min_kept: Tensor | None = None
@@ -89,13 +126,18 @@ class BatchTopK(SparsityActivation):
             return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
         relu_N = pre_acts.relu().flatten()  # N = batch * d_sae
         with torch.no_grad():
-            kept_K = _batch_topk_indices(relu_N.view(pre_acts.shape), self.k * pre_acts.shape[0])
+            kept_K = self._kept_indices(relu_N.view(pre_acts.shape))
         values_K = relu_N.gather(0, kept_K)
         with torch.no_grad():
             positive = values_K[values_K > 0]
             nan = torch.full((), float("nan"), device=pre_acts.device)
             self.last_min_kept = positive.min().float() if positive.numel() else nan
         return torch.zeros_like(relu_N).scatter_(0, kept_K, values_K).view(pre_acts.shape)
+
+    def _kept_indices(self, relu_BS: Tensor) -> Tensor:
+        """Flat indices (into ``relu_BS.flatten()``) of the entries kept in training mode: the
+        ``k * batch`` largest of ``relu_BS [batch, d_sae]``. The one step subclasses change."""
+        return _batch_topk_indices(relu_BS, self.k * relu_BS.shape[0])
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
@@ -124,20 +166,321 @@ def _batch_topk_indices(relu_BD: Tensor, n_keep: int) -> Tensor:
     return candidates_C[top.indices]
 
 
+class ReLU(SparsityActivation):
+    """ReLU with a decoder-norm-weighted L1 penalty (Conerly et al. 2024, "Circuits Updates,
+    April 2024": training SAEs).
+
+    ``acts = relu(pre_acts)``; sparsity loss ``l1_coef * mean_t sum_i f_ti ||W_dec,i||``. The
+    trainer keeps decoder rows at unit norm, where the weight is 1; the norm keeps the penalty
+    invariant to moving scale between f_i and W_dec,i (e.g. after
+    :meth:`~saelab.sae.model.SparseAutoencoder.fold_input_scale_`), as in the April update, where
+    decoder rows are not constrained. ``k`` is recorded but unused: L0 follows from ``l1_coef``.
+    """
+
+    variant = "relu"
+
+    def __init__(self, k: int, l1_coef: float) -> None:
+        super().__init__()
+        if k <= 0 or not l1_coef >= 0:
+            raise ValueError(f"ReLU: need k > 0 and l1_coef >= 0, got k={k}, l1_coef={l1_coef}")
+        self.k = k
+        self.l1_coef = l1_coef
+
+    def forward(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae] = relu(pre_acts)."""
+        return pre_acts.relu()
+
+    def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+        """``l1_coef * mean_t sum_i acts_ti ||W_dec,i||`` (scalar); acts >= 0, so |f| = f."""
+        return self.l1_coef * (acts @ W_dec.norm(dim=1)).mean()
+
+    def hparams(self) -> dict[str, Any]:
+        return {"l1_coef": self.l1_coef}
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, l1_coef={self.l1_coef:g}"
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    """Rectangle kernel ``K(u) = 1 if |u| < 1/2 else 0`` (Rajamanoharan et al. 2024, sec. 4)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """``z * H(z - θ)`` with the straight-through estimator of Rajamanoharan et al. 2024, sec. 4,
+    eq. 11: ``∂/∂z = H(z - θ)`` and the pseudo-derivative ``∂/∂θ = -(θ / ε) K((z - θ) / ε)``.
+
+    z [batch, d_sae] (any float dtype), θ [d_sae] float32 (> 0), ε = bandwidth.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z_BS: Tensor, theta_S: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_BS, theta_S)
+        ctx.bandwidth = bandwidth
+        return torch.where(z_BS > theta_S, z_BS, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BS: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        z_BS, theta_S = ctx.saved_tensors
+        grad_z = torch.where(z_BS > theta_S, grad_BS, 0.0) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            kernel_BS = _rectangle((z_BS.float() - theta_S) / ctx.bandwidth)
+            grad_theta = -(theta_S / ctx.bandwidth) * (kernel_BS * grad_BS.float()).sum(0)
+        return grad_z, grad_theta, None
+
+
+class _StepFn(torch.autograd.Function):
+    """Heaviside ``H(z - θ)`` with the straight-through estimator of Rajamanoharan et al. 2024,
+    sec. 4, eq. 12: ``∂/∂z = 0`` and ``∂/∂θ = -(1 / ε) K((z - θ) / ε)``.
+
+    z [batch, d_sae] (any float dtype), θ [d_sae] float32, ε = bandwidth; output float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z_BS: Tensor, theta_S: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z_BS, theta_S)
+        ctx.bandwidth = bandwidth
+        return (z_BS > theta_S).float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_BS: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        z_BS, theta_S = ctx.saved_tensors
+        grad_z = torch.zeros_like(z_BS) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            kernel_BS = _rectangle((z_BS.float() - theta_S) / ctx.bandwidth)
+            grad_theta = -(kernel_BS * grad_BS.float()).sum(0) / ctx.bandwidth
+        return grad_z, grad_theta, None
+
+
+class JumpReLU(SparsityActivation):
+    """JumpReLU (Rajamanoharan et al. 2024, "Jumping Ahead", sec. 3-4) trained to a target L0.
+
+    ``acts = z * H(z - θ)`` with a learnable per-latent threshold ``θ = exp(log_threshold)``
+    (``log_threshold`` [d_sae], float32 ``nn.Parameter``, saved with the SAE; the log keeps θ > 0
+    and, as in the paper, θ in fp32 whatever the dtype of z). θ's gradient comes from the
+    straight-through estimator with a rectangle kernel of width ``bandwidth`` (ε), both through
+    the JumpReLU and through the Heaviside of the L0 count (see :class:`_JumpReLUFn`,
+    :class:`_StepFn`); z gets no gradient from the L0 term (paper, sec. 4).
+
+    Sparsity loss, target L0 = ``k``: ``l0_coef * (L0 / k - 1)^2`` with
+    ``L0 = mean_t sum_i H(z_ti - θ_i)``. The paper's ``λ L0`` fixes λ, not L0, so every k would
+    need its own λ sweep; the quadratic penalty around the target is dictionary_learning's
+    ``JumpReluTrainer`` (saprmarks/dictionary_learning, ``trainers/jumprelu.py``,
+    ``sparsity_coefficient * ((l0 / target_l0) - 1)^2``) and makes ``k`` mean the same as for
+    the top-k variants. It pushes θ up while L0 > k, down while L0 < k, against the
+    reconstruction loss, which pushes θ down; L0 settles near k (closer for larger ``l0_coef``).
+
+    Short runs (a few hundred steps, not the paper's ~100k): under Adam, log θ moves by about
+    lr per step, ~0.1 in all over 224 steps at lr 4e-4, while the encoder drifts; z gets
+    reconstruction gradient only where z > θ, so a latent pushed below θ stays off and L0 falls
+    (16 -> 2.6 on a synthetic run with k = 16). Hence two departures from the paper, both
+    optional:
+
+    - init: θ = ``init_threshold`` for every latent (the paper: 0.001), or, when it is None, the
+      first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
+      relu(pre_acts), so L0 starts at k;
+    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``; 30 brings the run
+      above to L0 16.4 and, on SmolLM2 layer 15 with k = 32, 224 steps, to L0 31.4).
+    """
+
+    variant = "jumprelu"
+    log_threshold: nn.Parameter
+
+    def __init__(
+        self,
+        k: int,
+        bandwidth: float,
+        l0_coef: float,
+        init_threshold: float | None,
+        threshold_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if k <= 0 or not bandwidth > 0 or not l0_coef >= 0 or not threshold_lr_scale > 0:
+            raise ValueError(
+                "JumpReLU: need k > 0, bandwidth > 0, l0_coef >= 0, threshold_lr_scale > 0"
+            )
+        if init_threshold is not None and not init_threshold > 0:
+            raise ValueError(f"JumpReLU: init_threshold must be None or > 0, got {init_threshold}")
+        self.k = k
+        self.bandwidth = bandwidth
+        self.l0_coef = l0_coef
+        self.init_threshold = init_threshold
+        self.lr_scale = threshold_lr_scale
+        self.log_threshold = nn.Parameter(torch.zeros(0))  # sized by bind()
+
+    @property
+    def threshold(self) -> Tensor:
+        """θ = exp(log_threshold), [d_sae] float32 (attached to the graph)."""
+        return self.log_threshold.exp()
+
+    def bind(self, d_sae: int) -> None:
+        """Create ``log_threshold [d_sae]`` = log(init_threshold), or 0 (θ = 1) until
+        :meth:`init_from_batch_` sets it."""
+        init = 1.0 if self.init_threshold is None else self.init_threshold
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init)))
+
+    @torch.no_grad()
+    def init_from_batch_(self, pre_acts: Tensor) -> None:
+        """When ``init_threshold`` is None: θ_i = the ``(k * batch)``-th largest entry of
+        relu(pre_acts [batch, d_sae]) for every i (at least ``bandwidth``), so L0 starts at k."""
+        if self.init_threshold is not None:
+            return
+        relu_N = pre_acts.float().relu().flatten()
+        n_keep = min(self.k * pre_acts.shape[0], relu_N.numel())
+        theta = relu_N.topk(n_keep, sorted=False).values.min().clamp_min(self.bandwidth)
+        self.log_threshold.fill_(float(theta.log()))
+
+    def forward(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae] = pre_acts * H(pre_acts - θ)."""
+        if self.log_threshold.shape != pre_acts.shape[-1:]:
+            raise ValueError(
+                f"JumpReLU: {self.log_threshold.numel()} thresholds for "
+                f"{pre_acts.shape[-1]} latents; build it through SparseAutoencoder or bind()"
+            )
+        return _JumpReLUFn.apply(pre_acts, self.threshold, self.bandwidth)
+
+    def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+        """``l0_coef * (L0 / k - 1)^2``, L0 = mean_t sum_i H(pre_acts_ti - θ_i) (STE for θ)."""
+        l0 = _StepFn.apply(pre_acts, self.threshold, self.bandwidth).sum(dim=-1).mean()
+        return self.l0_coef * (l0 / self.k - 1.0).pow(2)
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            "bandwidth": self.bandwidth,
+            "l0_coef": self.l0_coef,
+            "init_threshold": self.init_threshold,
+            "threshold_lr_scale": self.lr_scale,
+        }
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, bandwidth={self.bandwidth:g}, l0_coef={self.l0_coef:g}"
+
+
+SCORES = ("l2", "squared_l2", "entropy")
+POOLS = ("top", "sample")
+
+
+def feature_scores(relu_BS: Tensor, score: str) -> Tensor:
+    """Score of each feature column of ``relu_BS [batch, d_sae]`` (post-ReLU, >= 0) -> [d_sae]
+    float32, >= 0, and 0 exactly for a column that is 0 on the whole batch (Oozeer et al. 2025,
+    sec. 3: L2, squared L2 or entropy of the feature's activations over the batch).
+
+    - ``l2``: ``||f_:,i||_2``; ``squared_l2``: ``||f_:,i||_2^2`` (same ranking as l2, but a
+      different sampling distribution).
+    - ``entropy``: ``exp(H(p_i))`` with ``p_ti = f_ti / sum_t f_ti``, the distribution of the
+      feature's mass over the batch's tokens, ``H = -sum_t p_ti log p_ti`` (nats). exp(H) is the
+      effective number of tokens the feature fires on, in [1, batch]: high for a feature spread
+      over many tokens (shared structure), 1 for one that fires on a single token. Higher is
+      taken as more informative: the paper's target is the "activation lottery" of rare,
+      high-magnitude latents, which have low entropy. The exponential keeps the ranking of H
+      but gives every firing feature a positive weight (H = 0 would never be sampled); magnitude
+      is ignored (scale-invariant per column).
+    """
+    relu_BS = relu_BS.float()
+    if score == "l2":
+        return relu_BS.norm(dim=0)
+    if score == "squared_l2":
+        return relu_BS.pow(2).sum(dim=0)
+    if score == "entropy":
+        mass_S = relu_BS.sum(dim=0)
+        p_BS = relu_BS / mass_S.clamp_min(torch.finfo(torch.float32).tiny)
+        entropy_S = -torch.xlogy(p_BS, p_BS).sum(dim=0)
+        return torch.where(mass_S > 0, entropy_S.exp(), 0.0)
+    raise ValueError(f"unknown feature score {score!r}; allowed: {', '.join(SCORES)}")
+
+
+def select_pool(
+    scores_S: Tensor, n_pool: int, pool: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """Indices [min(n_pool, #positive scores)] of the candidate features, from ``scores_S
+    [d_sae]`` (>= 0). ``top``: the best ``n_pool`` scores (ties in any order). ``sample``: a draw
+    without replacement with probability proportional to the score (``torch.multinomial``, so
+    the next feature is drawn among those left, proportionally to their scores), from
+    ``generator``. Features with score 0 are never chosen."""
+    n_pool = min(n_pool, int((scores_S > 0).sum()))
+    if pool == "top":
+        return scores_S.topk(n_pool, sorted=False).indices
+    if pool == "sample":
+        return torch.multinomial(scores_S, n_pool, replacement=False, generator=generator)
+    raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+
+
+class Sampled(BatchTopK):
+    """Sampled-SAE (Oozeer et al. 2025, "Distribution-Aware Feature Selection for SAEs",
+    sec. 3): BatchTopK restricted to a per-batch candidate pool of ``k * l`` features.
+
+    Training mode: score every feature column of ``relu(pre_acts) [batch, d_sae]``
+    (:func:`feature_scores`, ``score``), choose a pool of ``k * l`` features
+    (:func:`select_pool`, ``pool``; ``sample`` draws from a ``torch.Generator`` seeded with
+    ``seed``), then keep the ``k * batch`` largest entries of the pool's columns. When the pool
+    would hold every feature that fires on the batch (always when ``k * l >= d_sae``), the
+    selection is BatchTopK's, bit for bit. Eval mode and the threshold θ (global, estimated by
+    the trainer from ``last_min_kept``): inherited from :class:`BatchTopK`, since the paper gives
+    no inference rule and the batch dependence is the same.
+
+    ``l = 1``: tokens draw only from ``k`` features; large ``l``: plain BatchTopK (paper, sec. 4).
+    """
+
+    variant = "sampled"
+
+    def __init__(self, k: int, l: int, score: str, pool: str, seed: int = 0) -> None:  # noqa: E741
+        super().__init__(k)
+        if l < 1 or score not in SCORES or pool not in POOLS:
+            raise ValueError(
+                f"Sampled: need l >= 1, score in {SCORES}, pool in {POOLS}; "
+                f"got l={l}, score={score!r}, pool={pool!r}"
+            )
+        self.l = l
+        self.score = score
+        self.pool = pool
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """The pool's RNG, created (seeded with ``seed``) on first use on ``device``."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def _kept_indices(self, relu_BS: Tensor) -> Tensor:
+        """BatchTopK's ``k * batch`` largest entries, taken among the pool's columns only."""
+        n_pool = self.k * self.l
+        scores_S = feature_scores(relu_BS, self.score)
+        if n_pool >= int((scores_S > 0).sum()):
+            return super()._kept_indices(relu_BS)  # the pool holds every firing feature
+        pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(relu_BS.device))
+        kept_K = _batch_topk_indices(relu_BS[:, pool_P], self.k * relu_BS.shape[0])
+        rows_K, cols_K = kept_K // n_pool, pool_P[kept_K % n_pool]  # [batch, P] -> [batch, d_sae]
+        return rows_K * relu_BS.shape[1] + cols_K
+
+    def hparams(self) -> dict[str, Any]:
+        return {"l": self.l, "score": self.score, "pool": self.pool, "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, l={self.l}, score={self.score}, pool={self.pool}"
+
+
 ACTIVATIONS: dict[str, type[SparsityActivation]] = {
-    TopK.variant: TopK,
-    BatchTopK.variant: BatchTopK,
+    cls.variant: cls for cls in (TopK, BatchTopK, ReLU, JumpReLU, Sampled)
 }
 
 
-def make_activation(variant: str, k: int) -> SparsityActivation:
-    """Build the sparsity strategy named ``variant`` with target L0 ``k``.
+def make_activation(variant: str, k: int, **hparams: Any) -> SparsityActivation:
+    """Build the sparsity strategy named ``variant`` with target L0 ``k`` and its
+    hyperparameters (the keywords of its class, e.g. ``l1_coef`` for ``relu``; see
+    :meth:`SparsityActivation.hparams`).
 
     Raises:
-        ValueError: unknown variant (the message lists the allowed ones).
+        ValueError: unknown variant (the message lists the allowed ones), or a hyperparameter
+            that is unknown, missing or out of range.
     """
     if variant not in ACTIVATIONS:
         raise ValueError(
             f"unknown SAE variant {variant!r}; allowed: {', '.join(sorted(ACTIVATIONS))}"
         )
-    return ACTIVATIONS[variant](k)
+    try:
+        return ACTIVATIONS[variant](k, **hparams)
+    except TypeError as e:  # an unknown or missing keyword
+        raise ValueError(f"{variant}: bad hyperparameters {sorted(hparams)} ({e})") from e

@@ -46,7 +46,8 @@ class SparseAutoencoder(nn.Module):
     Args:
         d_in: width of the activations.
         d_sae: number of latents.
-        activation: the sparsity strategy, e.g. ``make_activation("topk", 32)``.
+        activation: the sparsity strategy, e.g. ``make_activation("topk", 32)``; the SAE calls
+            its ``bind(d_sae)`` (per-latent state such as JumpReLU's thresholds).
         generator: RNG for the init (default: torch's global RNG).
     """
 
@@ -61,6 +62,7 @@ class SparseAutoencoder(nn.Module):
         self.d_in = d_in
         self.d_sae = d_sae
         self.activation = activation
+        activation.bind(d_sae)
         self.metadata: dict[str, Any] = {}  # provenance read back by load() (hookpoint, ...)
         W_dec_SD = torch.randn(d_sae, d_in, generator=generator)
         W_dec_SD /= W_dec_SD.norm(dim=1, keepdim=True)
@@ -126,7 +128,8 @@ class SparseAutoencoder(nn.Module):
         Derivation: the trained SAE computes, on ``c x`` (c = ``scale``),
         ``pre = (c x - b_dec) @ W_enc + b_enc = (x - b_dec / c) @ (c W_enc) + b_enc``, so
         ``W_enc' = c W_enc`` and ``b_dec' = b_dec / c`` give the same pre-activations, hence the
-        same acts (and the same BatchTopK threshold). Its reconstruction of ``c x`` is
+        same acts (and the same BatchTopK / JumpReLU thresholds, which live in pre-activation
+        units). Its reconstruction of ``c x`` is
         ``acts @ W_dec + b_dec``; dividing by c, ``x_hat = acts @ (W_dec / c) + b_dec / c``, so
         ``W_dec' = W_dec / c`` with the same ``b_dec'``. Afterwards the decoder rows have norm
         ``1 / c`` instead of 1; do not call :meth:`normalize_decoder_` on a folded SAE.
@@ -146,8 +149,10 @@ class SparseAutoencoder(nn.Module):
         """Write ``sae.safetensors`` and ``cfg.json`` into ``directory`` (created if needed).
 
         The safetensors file holds ``W_enc, W_dec, b_enc, b_dec`` and the activation's state
-        (``threshold`` for BatchTopK), float32. ``cfg.json`` holds ``d_in, d_sae, variant, k`` and
-        ``metadata`` (any JSON-serialisable mapping, e.g. hookpoint and input scale).
+        (``threshold`` for BatchTopK and Sampled, ``log_threshold`` for JumpReLU), float32.
+        ``cfg.json`` holds ``d_in, d_sae, variant, k``, ``hparams`` (the variant's
+        hyperparameters, :meth:`SparsityActivation.hparams`) and ``metadata`` (any
+        JSON-serialisable mapping, e.g. hookpoint and input scale).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -158,6 +163,7 @@ class SparseAutoencoder(nn.Module):
             "d_sae": self.d_sae,
             "variant": self.variant,
             "k": self.activation.k,
+            "hparams": self.activation.hparams(),
             "metadata": dict(metadata if metadata is not None else self.metadata),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -169,7 +175,8 @@ class SparseAutoencoder(nn.Module):
 
         Raises:
             FileNotFoundError: ``cfg.json`` or ``sae.safetensors`` is missing.
-            ValueError: unknown variant, missing/extra tensors or a shape mismatch.
+            ValueError: unknown variant or hyperparameters, missing/extra tensors or a shape
+                mismatch. A ``cfg.json`` without ``hparams`` (older files) means none.
         """
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -179,7 +186,8 @@ class SparseAutoencoder(nn.Module):
         missing_keys = [key for key in ("d_in", "d_sae", "variant", "k") if key not in cfg]
         if missing_keys:
             raise ValueError(f"{directory / CONFIG_FILE} lacks key {missing_keys[0]!r}")
-        sae = cls(cfg["d_in"], cfg["d_sae"], make_activation(cfg["variant"], cfg["k"]))
+        activation = make_activation(cfg["variant"], cfg["k"], **cfg.get("hparams", {}))
+        sae = cls(cfg["d_in"], cfg["d_sae"], activation)
         tensors = load_file(str(directory / WEIGHTS_FILE))
         expected = sae._state_tensors()
         if set(tensors) != set(expected):
