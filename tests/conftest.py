@@ -105,3 +105,15 @@ def tiny_corpus_module(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def make_tiny_params():
     """The :func:`tiny_params` helper, for test modules (which cannot import conftest)."""
     return tiny_params
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """torch on one thread for the module, restored afterwards: tiny matmuls run as fast on one
+    thread, and far faster on a machine shared with others."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

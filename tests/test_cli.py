@@ -48,12 +48,8 @@ def write_params(path: Path, params: dict) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread_module):
     """Tiny models run as fast on one thread, and far faster on a machine shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and far faster on a machine shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """Tiny models run as fast on one thread, and far faster on a machine shared with others."""
 
 
 class RecordingTracker:
