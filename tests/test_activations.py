@@ -12,7 +12,7 @@ from saelab.sae import BatchTopK, JumpReLU, ReLU, Sampled, SparseAutoencoder, ma
 from saelab.sae.activations import POOLS, SCORES, feature_scores, select_pool
 
 HPARAMS = {
-    "relu": {"l1_coef": 0.1},
+    "relu": {"l1_coef": 0.1, "init_b_enc": "zero"},
     "jumprelu": {"bandwidth": 0.5, "l0_coef": 3.0, "init_threshold": 0.2, "threshold_lr_scale": 2},
     "sampled": {"l": 2, "score": "l2", "pool": "sample", "seed": 0},
 }
@@ -48,13 +48,28 @@ def test_relu_acts_and_norm_weighted_l1_known_answer():
     Rows (0.6, 0.8) and (0, 2) have norms 1 and 2; acts [[1, 0], [0.5, 2]]: token 0 gives
     1 * 1 = 1, token 1 gives 0.5 * 1 + 2 * 2 = 4.5; mean 2.75; times 0.1 = 0.275.
     """
-    act = ReLU(4, l1_coef=0.1)
+    act = ReLU(4, l1_coef=0.1, init_b_enc="zero")
     pre = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
     acts = act(pre)
     assert torch.equal(acts, torch.tensor([[1.0, 0.0], [0.5, 2.0]]))
     W_dec = torch.tensor([[0.6, 0.8], [0.0, 2.0]])
     assert act.sparsity_loss(pre, acts, W_dec).item() == pytest.approx(0.275)
     assert not act.uses_auxk
+
+
+def test_relu_quantile_init_starts_every_latent_at_rate_k_over_d_sae():
+    """init_b_enc "quantile": b_enc_i -= the ceil(batch (1 - k / d_sae))-th smallest pre-act of
+    latent i, so each latent is positive on batch * k / d_sae tokens: L0 = k on the batch.
+    Known answer: batch 8, d_sae 4, k 1 -> rank 6; column i holds 0..7 (+ i), so q_i = 5 + i and
+    the shifted pre-acts are positive on the 2 tokens with 6 and 7."""
+    pre = torch.arange(8.0)[:, None] + torch.arange(4.0)[None, :]  # [8, 4]
+    b_enc = torch.zeros(4)
+    ReLU(1, l1_coef=0.1, init_b_enc="quantile").init_from_batch_(pre, b_enc)
+    assert torch.equal(b_enc, -(5.0 + torch.arange(4.0)))
+    assert torch.equal(((pre + b_enc) > 0).sum(dim=0), torch.full((4,), 2))
+    unchanged = torch.zeros(4)
+    ReLU(1, l1_coef=0.1, init_b_enc="zero").init_from_batch_(pre, unchanged)
+    assert torch.equal(unchanged, torch.zeros(4))
 
 
 # --------------------------------------------------------------------------- JumpReLU
@@ -181,21 +196,23 @@ PRE = [[5.0, 0.0, 1.0, 2.0], [0.0, -1.0, 1.0, 3.0]]
 
 
 @pytest.mark.parametrize(
-    ("pool_factor", "score", "expected", "min_kept"),
+    ("pool_factor", "score", "expected"),
     [
         # pool {0} (best l2): keep k * batch = 2 entries of column 0, 5 and 0.
-        (1, "l2", [[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], 5.0),
+        (1, "l2", [[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
         # pool {0, 3}: of 5, 2, 0, 3 keep 5 and 3 (plain BatchTopK keeps the same here).
-        (2, "l2", [[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]], 3.0),
+        (2, "l2", [[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]),
         # pool {2} (best entropy, spread evenly): keep 1 and 1, not the lone 5.
-        (1, "entropy", [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]], 1.0),
+        (1, "entropy", [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]),
     ],
 )
-def test_sampled_keeps_batch_topk_within_the_pool(pool_factor, score, expected, min_kept):
-    """k = 1, pool of k * l = l features chosen by the score ("top"), batch 2."""
+def test_sampled_keeps_batch_topk_within_the_pool(pool_factor, score, expected):
+    """k = 1, pool of k * l = l features chosen by the score ("top"), batch 2. The batch's
+    threshold estimate is BatchTopK's over all features, whatever the pool: the 2nd largest
+    entry of PRE, 3 (the inference rule: a global θ that gives L0 = k without a pool)."""
     act = Sampled(1, l=pool_factor, score=score, pool="top").train()
     assert torch.equal(act(torch.tensor(PRE)), torch.tensor(expected))
-    assert act.last_min_kept.item() == min_kept
+    assert act.last_min_kept.item() == 3.0
 
 
 @pytest.mark.parametrize("pool", POOLS)

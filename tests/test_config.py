@@ -63,6 +63,9 @@ def test_default_params_load_and_are_frozen() -> None:
         ("variant_params.sampled.score", "l1", "sampled.score must be one of l2, squared_l2, ent"),
         ("variant_params.sampled.pool", "random", "sampled.pool must be one of top, sample"),
         ("variant_params.topk", None, "variant_params.topk must be a mapping of NoParams keys"),
+        ("variant_params.relu.init_b_enc", "x", "relu.init_b_enc must be one of zero, quantile"),
+        ("variant_params.switch.n_experts", 0, "switch.n_experts must be an integer >= 1"),
+        ("variant_params.switch.balance_coef", -1.0, "switch.balance_coef must be a number >= 0"),
     ],
 )
 def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) -> None:
@@ -121,14 +124,32 @@ def test_variant_params_unknown_and_missing_keys_are_named() -> None:
         parse_params(raw)
 
 
-def test_variant_params_give_make_activation_keywords() -> None:
+def test_variant_params_give_build_sae_keywords() -> None:
     """of(variant) is the variant's section as a dict (empty for topk/batchtopk), and every
     variant builds from the committed params.yaml."""
-    from saelab.sae import make_activation
+    from saelab.config import VARIANTS
+    from saelab.sae import build_sae
 
-    cfg = parse_params(_with("variants", ["topk", "batchtopk", "relu", "jumprelu", "sampled"]))
+    cfg = parse_params(_with("variants", list(VARIANTS)))
     assert cfg.variant_params.of("topk") == {} == cfg.variant_params.of("batchtopk")
     assert cfg.variant_params.of("sampled") == DEFAULT["variant_params"]["sampled"]
     for variant in cfg.variants:
-        act = make_activation(variant, cfg.k, **cfg.variant_params.of(variant))
-        assert act.hparams() == DEFAULT["variant_params"][variant]
+        sae = build_sae(variant, 8, cfg.sae.d_sae, cfg.k, cfg.variant_params.of(variant))
+        assert sae.variant == variant
+        assert sae.hparams() == DEFAULT["variant_params"][variant]
+
+
+def test_switch_experts_must_split_d_sae_and_hold_k() -> None:
+    """With switch in the variants, n_experts must divide sae.d_sae and k fit in one expert;
+    the error names the key and the bound (4608 / 8 = 576 latents per expert)."""
+    raw = _with("variants", ["switch"])
+    raw["variant_params"]["switch"]["n_experts"] = 7
+    with pytest.raises(ConfigError, match=r"switch\.n_experts must be a divisor of sae\.d_sae"):
+        parse_params(raw)
+    raw = _with("variants", ["switch"])
+    raw["k"] = 577
+    with pytest.raises(ConfigError, match=r"k must be at most .* = 576"):
+        parse_params(raw)
+    raw = _with("variants", ["topk"])  # not trained: not checked
+    raw["variant_params"]["switch"]["n_experts"] = 7
+    assert parse_params(raw).variant_params.switch.n_experts == 7

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saelab.config import TrainConfig
-from saelab.sae import SparseAutoencoder, make_activation
+from saelab.sae import SparseAutoencoder, SwitchSAE, make_activation
 from saelab.train import (
     auto_lr,
     auxk_loss,
@@ -265,7 +265,7 @@ def test_training_fails_clearly_when_batches_run_out():
 # --------------------------------------------------------------------------- new variants
 
 HPARAMS = {
-    "relu": {"l1_coef": 0.05},
+    "relu": {"l1_coef": 0.05, "init_b_enc": "zero"},
     "jumprelu": {
         "bandwidth": 0.001,
         "l0_coef": 1.0,
@@ -337,3 +337,28 @@ def test_sampled_training_sets_a_threshold_like_batchtopk():
     summary = train_sae(sae, synthetic_batches(), make_cfg(), RecordingTracker(), CPU)
     assert summary["l0"] == 4.0 and summary["threshold"] == sae.activation.threshold.item() > 0
     assert 2.8 <= summary["inference_l0_train"] <= 5.2 and summary["fvu"] < 0.35
+
+
+def test_relu_quantile_init_starts_at_l0_k():
+    """init_b_enc "quantile": the first step's L0 is near k = 4, where b_enc = 0 starts with
+    about half of the 96 latents active."""
+    cfg = make_cfg(n_tokens=256 * 2, log_every=1)
+    for init, low, high in (("quantile", 2.0, 8.0), ("zero", 30.0, 96.0)):
+        tracker = RecordingTracker()
+        train_sae(_new_sae("relu", init_b_enc=init), synthetic_batches(), cfg, tracker, CPU)
+        assert low <= tracker.logged[0][1]["train/l0"] <= high, init
+
+
+def test_switch_training_learns_and_uses_every_expert():
+    """A Switch SAE (4 experts of 24 latents, k = 4) trained by the same loop: L0 exactly k,
+    FVU falls by half, the load-balancing term is in the loss (>= α, its minimum) and, on the
+    returned eval-mode SAE, every expert receives tokens."""
+    torch.manual_seed(0)
+    sae = SwitchSAE(32, 96, 4, n_experts=4, balance_coef=1.0)
+    tracker = RecordingTracker()
+    summary = train_sae(sae, synthetic_batches(), make_cfg(), tracker, CPU)
+    assert summary["l0"] == 4.0 and summary["inference_l0_train"] == 4.0
+    assert summary["fvu"] < 0.5 * tracker.logged[0][1]["train/fvu"]
+    assert summary["sparsity_loss"] >= 1.0 - 1e-6
+    _, expert = sae.route(next(synthetic_batches()))  # raw inputs: the folded router
+    assert torch.bincount(expert, minlength=4).min() > 0

@@ -116,7 +116,7 @@ def train(params_path: str, variant: str, activations: str, out: str) -> None:
     import torch
 
     from saelab.capture import resolve_device
-    from saelab.sae import SparseAutoencoder, make_activation
+    from saelab.sae import build_sae
     from saelab.store import (
         ActivationStore,
         ShuffledBatches,
@@ -143,8 +143,8 @@ def train(params_path: str, variant: str, activations: str, out: str) -> None:
         max_norm,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    activation = make_activation(variant, cfg.k, **cfg.variant_params.of(variant))
-    sae = SparseAutoencoder(store.d_in, cfg.sae.d_sae, activation, generator)
+    hparams = cfg.variant_params.of(variant)
+    sae = build_sae(variant, store.d_in, cfg.sae.d_sae, cfg.k, hparams, generator)
     uri = tracking_uri(cfg.tracking.tracking_uri)
     with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant)) as tracker:
         tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})

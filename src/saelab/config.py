@@ -17,10 +17,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-VARIANTS = ("topk", "batchtopk", "relu", "jumprelu", "sampled")
+VARIANTS = ("topk", "batchtopk", "relu", "jumprelu", "sampled", "switch")
 # Sampled-SAE choices; the same tuples as saelab.sae.activations (kept torch-free here, a test
 # checks they agree).
 SAMPLED_SCORES = ("l2", "squared_l2", "entropy")
+RELU_INIT_B_ENC = ("zero", "quantile")
 SAMPLED_POOLS = ("top", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
@@ -238,12 +239,20 @@ class ReLUParams:
         not used by this variant); FVU is normalised by the batch variance, so the equivalent of
         the update's λ on the summed squared error of inputs with E||x||^2 = d_in is about
         λ / d_in.
+    init_b_enc: ``zero`` (the update) or ``quantile`` (L0 starts at k; see
+        :class:`~saelab.sae.activations.ReLU`).
     """
 
     l1_coef: float
+    init_b_enc: str
 
     def validate(self) -> None:
         _require(self.l1_coef >= 0, "variant_params.relu.l1_coef", "a number >= 0")
+        _require(
+            self.init_b_enc in RELU_INIT_B_ENC,
+            "variant_params.relu.init_b_enc",
+            f"one of {', '.join(RELU_INIT_B_ENC)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,24 @@ class SampledParams:
 
 
 @dataclass(frozen=True)
+class SwitchParams:
+    """switch: Switch SAE (Mudide et al. 2024), ``n_experts`` TopK experts of ``d_sae /
+    n_experts`` latents each (width-matched to the dense variants).
+
+    n_experts: number of experts E; must divide ``sae.d_sae``, with ``k <= d_sae / E``.
+    balance_coef: α of the load-balancing loss ``α E Σ_e f_e P_e`` (the paper: ~3).
+    """
+
+    n_experts: int
+    balance_coef: float
+
+    def validate(self) -> None:
+        key = "variant_params.switch"
+        _require(self.n_experts >= 1, f"{key}.n_experts", "an integer >= 1")
+        _require(self.balance_coef >= 0, f"{key}.balance_coef", "a number >= 0")
+
+
+@dataclass(frozen=True)
 class VariantParams:
     """Per-variant hyperparameters, one section per name of :data:`VARIANTS` (all required, so
     that ``dvc.yaml`` can list ``variant_params.<variant>`` for every train stage)."""
@@ -310,13 +337,14 @@ class VariantParams:
     relu: ReLUParams
     jumprelu: JumpReLUParams
     sampled: SampledParams
+    switch: SwitchParams
 
     def validate(self) -> None:
         for f in fields(self):
             getattr(self, f.name).validate()
 
     def of(self, variant: str) -> dict[str, Any]:
-        """The keyword arguments of ``make_activation(variant, k, **...)``."""
+        """The variant's hyperparameters: ``build_sae``'s ``hparams``."""
         return dataclasses.asdict(getattr(self, variant))
 
 
@@ -389,6 +417,23 @@ class PipelineConfig:
         for section in (*sections, self.variant_params):
             section.validate()
         self.tracking.validate()
+        if "switch" in self.variants:
+            self._validate_switch()
+
+    def _validate_switch(self) -> None:
+        """Switch's experts split ``sae.d_sae`` evenly and each holds at least k latents."""
+        n_experts = self.variant_params.switch.n_experts
+        _require(
+            self.sae.d_sae % n_experts == 0,
+            "variant_params.switch.n_experts",
+            f"a divisor of sae.d_sae={self.sae.d_sae}",
+        )
+        _require(
+            self.k <= self.sae.d_sae // n_experts,
+            "k",
+            f"at most sae.d_sae / variant_params.switch.n_experts = {self.sae.d_sae // n_experts}"
+            " (the width of one Switch expert)",
+        )
 
 
 def _require(ok: bool, key: str, allowed: str) -> None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from saelab.capture import Replacement, hook_resid, splice_fn
 from saelab.config import ModelConfig, PipelineConfig
+from saelab.sae import load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
 
@@ -155,7 +156,7 @@ def run_evaluation(
     from saelab.store import drop_outliers, iter_batches
 
     exclude = cfg.sae.exclude_first_position
-    sae = SparseAutoencoder.load(sae_dir)
+    sae = load_sae(sae_dir)
     max_norm = sae.metadata.get("max_norm")
     eval_store = activations / "eval"
 

@@ -161,10 +161,11 @@ def train_step(
     """One optimisation step on ``x [batch, d_in]`` (already scaled); ``dead [d_sae]`` bool.
 
     loss = fvu(x, recon) + aux_coef * auxk_loss + sparsity_loss, where AuxK applies only when the
-    activation ``uses_auxk`` (top-k families) and ``sparsity_loss`` is the activation's own
-    weighted penalty (:meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss`, 0 for
-    the top-k families); backward; remove the decoder gradient parallel to its rows; clip the
-    gradient norm to ``grad_clip``; optimizer step; renormalise decoder rows. ``aux_loss`` and
+    activation ``uses_auxk`` (top-k families and Switch) and ``sparsity_loss`` is the variant's
+    own weighted penalty (:meth:`~saelab.sae.model.SparseAutoencoder.sparsity_loss`: L1, target
+    L0, Switch's load balancing; 0 for the top-k families); backward; remove the decoder
+    gradient parallel to its rows; clip the gradient norm to ``grad_clip``; optimizer step;
+    renormalise decoder rows. ``aux_loss`` and
     ``sparsity_loss`` in the metrics are the weighted terms, so
     ``loss = fvu + aux_loss + sparsity_loss``; ``l0`` is the mean number of nonzero acts per token.
     """
@@ -174,7 +175,7 @@ def train_step(
     if aux_coef > 0 and sae.activation.uses_auxk:
         residual_BD = (x - out.recon).detach()
         aux = aux_coef * auxk_loss(sae, residual_BD, out.pre_acts, dead, k_aux)
-    sparsity = sae.activation.sparsity_loss(out.pre_acts, out.acts, sae.W_dec)
+    sparsity = sae.sparsity_loss(x, out)
     loss = fvu_loss + aux + sparsity
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -244,8 +245,8 @@ def _init_scale_and_b_dec(
     scale = estimate_input_scale(batches, cfg.scale_tokens)
     first_BD = _next_batch(batches, 0, sae.d_in, device)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(first_BD * scale))
-        sae.activation.init_from_batch_(sae.encode_pre(first_BD * scale))
+        sae.init_b_dec_(geometric_median(first_BD * scale))
+        sae.activation.init_from_batch_(sae.encode_pre(first_BD * scale), sae.b_enc)
     return scale, itertools.chain([first_BD], batches)
 
 

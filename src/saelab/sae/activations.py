@@ -31,7 +31,8 @@ class SparsityActivation(nn.Module):
     - ``uses_auxk``: whether the trainer adds the AuxK loss on dead latents (Gao et al. 2024,
       appendix A.2); true for the top-k families, whose dead latents get no other gradient.
     - :meth:`bind`: called once by the SAE with its width, to create per-latent state.
-    - :meth:`init_from_batch_`: called once by the trainer on the first (scaled) batch.
+    - :meth:`init_from_batch_`: called once by the trainer on the first (scaled) batch; may set
+      the strategy's own state and the SAE's encoder bias.
     - :meth:`sparsity_loss`: a penalty added to the training loss (L1, L0, ...).
     - :meth:`hparams`: the constructor's keyword arguments, saved in ``cfg.json`` so that
       ``make_activation(variant, k, **hparams)`` rebuilds the same strategy on load.
@@ -50,8 +51,10 @@ class SparsityActivation(nn.Module):
         """Size per-latent state for ``d_sae`` latents (called by ``SparseAutoencoder``)."""
 
     @torch.no_grad()
-    def init_from_batch_(self, pre_acts: Tensor) -> None:
-        """Data-dependent init from the first training batch's ``pre_acts [batch, d_sae]``."""
+    def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
+        """Data-dependent init from the first training batch's ``pre_acts [batch, d_sae]``;
+        ``b_enc [d_sae]`` is the SAE's encoder bias (that ``pre_acts`` include), which a strategy
+        may shift in place. A no-op unless overridden."""
 
     def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
         """Weighted sparsity penalty, a scalar attached to the graph; 0 unless overridden.
@@ -100,8 +103,9 @@ class BatchTopK(SparsityActivation):
 
     Training mode: keep the ``k * batch`` largest entries of relu(pre_acts) across the whole
     batch, so the batch's mean L0 is k while one token may use more or fewer than k latents. The
-    smallest positive kept value of the batch is stored (detached, fp32 scalar tensor, NaN when
-    nothing positive was kept) in ``last_min_kept`` for the trainer's threshold estimate.
+    smallest positive kept value of the batch, i.e. the global threshold that keeps the same
+    entries, is stored (detached, fp32 scalar tensor, NaN when nothing positive was kept) in
+    ``last_min_kept`` for the trainer's threshold estimate.
 
     Eval mode: ``acts = pre_acts * (pre_acts > threshold)`` with one global threshold θ (the
     ``threshold`` buffer, fp32 scalar, saved with the model), so a token's code no longer depends on
@@ -129,10 +133,13 @@ class BatchTopK(SparsityActivation):
             kept_K = self._kept_indices(relu_N.view(pre_acts.shape))
         values_K = relu_N.gather(0, kept_K)
         with torch.no_grad():
-            positive = values_K[values_K > 0]
-            nan = torch.full((), float("nan"), device=pre_acts.device)
-            self.last_min_kept = positive.min().float() if positive.numel() else nan
+            self.last_min_kept = self._batch_threshold(relu_N.view(pre_acts.shape), values_K)
         return torch.zeros_like(relu_N).scatter_(0, kept_K, values_K).view(pre_acts.shape)
+
+    def _batch_threshold(self, relu_BS: Tensor, values_K: Tensor) -> Tensor:
+        """The batch's threshold estimate (fp32 scalar, NaN if none): the smallest positive kept
+        value ``values_K``, the global threshold that selects this batch's kept set."""
+        return _min_positive(values_K)
 
     def _kept_indices(self, relu_BS: Tensor) -> Tensor:
         """Flat indices (into ``relu_BS.flatten()``) of the entries kept in training mode: the
@@ -141,6 +148,14 @@ class BatchTopK(SparsityActivation):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
+
+
+def _min_positive(values: Tensor) -> Tensor:
+    """Smallest positive entry of ``values`` as an fp32 scalar tensor, NaN when none is > 0."""
+    positive = values[values > 0]
+    if positive.numel() == 0:
+        return torch.full((), float("nan"), device=values.device)
+    return positive.min().float()
 
 
 def _batch_topk_indices(relu_BD: Tensor, n_keep: int) -> Tensor:
@@ -174,17 +189,42 @@ class ReLU(SparsityActivation):
     trainer keeps decoder rows at unit norm, where the weight is 1; the norm keeps the penalty
     invariant to moving scale between f_i and W_dec,i (e.g. after
     :meth:`~saelab.sae.model.SparseAutoencoder.fold_input_scale_`), as in the April update, where
-    decoder rows are not constrained. ``k`` is recorded but unused: L0 follows from ``l1_coef``.
+    decoder rows are not constrained. L0 follows from ``l1_coef``; ``k`` only sets the init.
+
+    ``init_b_enc``: ``zero`` is the update's ``b_enc = 0``, where about half the latents fire on
+    every token at first (L0 ~2,300 of 4,608 on SmolLM2). Adam moves b_enc by about lr per
+    step, ~0.1 in a few hundred steps, far less than the pre-activations' spread, so a short run
+    cannot bring L0 down to tens (it ended at L0 ~1,600 with FVU 0.8 at step 82 of 224).
+    ``quantile`` (ours) subtracts from each b_enc_i the ``(1 - k / d_sae)`` quantile of latent
+    i's pre-activations on the first batch, so every latent starts firing on a fraction k / d_sae
+    of the tokens, L0 starts at k, and the L1 term has to keep it there rather than bring it
+    down by two orders of magnitude.
     """
 
     variant = "relu"
+    INIT_B_ENC = ("zero", "quantile")
 
-    def __init__(self, k: int, l1_coef: float) -> None:
+    def __init__(self, k: int, l1_coef: float, init_b_enc: str) -> None:
         super().__init__()
-        if k <= 0 or not l1_coef >= 0:
-            raise ValueError(f"ReLU: need k > 0 and l1_coef >= 0, got k={k}, l1_coef={l1_coef}")
+        if k <= 0 or not l1_coef >= 0 or init_b_enc not in self.INIT_B_ENC:
+            raise ValueError(
+                f"ReLU: need k > 0, l1_coef >= 0, init_b_enc in {self.INIT_B_ENC}; "
+                f"got k={k}, l1_coef={l1_coef}, init_b_enc={init_b_enc!r}"
+            )
         self.k = k
         self.l1_coef = l1_coef
+        self.init_b_enc = init_b_enc
+
+    @torch.no_grad()
+    def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
+        """``quantile``: ``b_enc_i -= q_i``, q_i the ``ceil(batch * (1 - k / d_sae))``-th
+        smallest of ``pre_acts[:, i]`` ([batch, d_sae]), so that about ``k * batch / d_sae``
+        tokens of the batch have ``pre_acts_ti - q_i > 0`` (class docstring)."""
+        if self.init_b_enc == "zero" or b_enc is None:
+            return
+        batch, d_sae = pre_acts.shape
+        rank = min(batch, max(1, math.ceil(batch * (1 - self.k / d_sae))))
+        b_enc -= pre_acts.float().kthvalue(rank, dim=0).values.to(b_enc.dtype)
 
     def forward(self, pre_acts: Tensor) -> Tensor:
         """pre_acts [batch, d_sae] -> acts [batch, d_sae] = relu(pre_acts)."""
@@ -195,7 +235,7 @@ class ReLU(SparsityActivation):
         return self.l1_coef * (acts @ W_dec.norm(dim=1)).mean()
 
     def hparams(self) -> dict[str, Any]:
-        return {"l1_coef": self.l1_coef}
+        return {"l1_coef": self.l1_coef, "init_b_enc": self.init_b_enc}
 
     def extra_repr(self) -> str:
         return f"k={self.k}, l1_coef={self.l1_coef:g}"
@@ -322,7 +362,7 @@ class JumpReLU(SparsityActivation):
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init)))
 
     @torch.no_grad()
-    def init_from_batch_(self, pre_acts: Tensor) -> None:
+    def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
         """When ``init_threshold`` is None: θ_i = the ``(k * batch)``-th largest entry of
         relu(pre_acts [batch, d_sae]) for every i (at least ``bandwidth``), so L0 starts at k."""
         if self.init_threshold is not None:
@@ -416,9 +456,16 @@ class Sampled(BatchTopK):
     (:func:`select_pool`, ``pool``; ``sample`` draws from a ``torch.Generator`` seeded with
     ``seed``), then keep the ``k * batch`` largest entries of the pool's columns. When the pool
     would hold every feature that fires on the batch (always when ``k * l >= d_sae``), the
-    selection is BatchTopK's, bit for bit. Eval mode and the threshold θ (global, estimated by
-    the trainer from ``last_min_kept``): inherited from :class:`BatchTopK`, since the paper gives
-    no inference rule and the batch dependence is the same.
+    selection is BatchTopK's, bit for bit.
+
+    Inference (the paper gives no rule): as :class:`BatchTopK`, one global threshold θ applied
+    to every latent, the trainer's mean of ``last_min_kept`` over the final steps. Here
+    ``last_min_kept`` is the batch's *unrestricted* BatchTopK threshold, the ``(k * batch)``-th
+    largest entry of relu(pre_acts) over all features, not the smallest value kept in the pool:
+    at inference there is no pool, every latent above θ fires, and a θ taken from the pool
+    (which excludes features with larger values) would give an L0 far above k (38 instead of 4
+    on a synthetic run with l = 4). So the Sampled SAE is compared with the others at the same
+    inference L0; the two thresholds coincide when the pool holds every firing feature.
 
     ``l = 1``: tokens draw only from ``k`` features; large ``l``: plain BatchTopK (paper, sec. 4).
     """
@@ -454,6 +501,14 @@ class Sampled(BatchTopK):
         kept_K = _batch_topk_indices(relu_BS[:, pool_P], self.k * relu_BS.shape[0])
         rows_K, cols_K = kept_K // n_pool, pool_P[kept_K % n_pool]  # [batch, P] -> [batch, d_sae]
         return rows_K * relu_BS.shape[1] + cols_K
+
+    def _batch_threshold(self, relu_BS: Tensor, values_K: Tensor) -> Tensor:
+        """The ``(k * batch)``-th largest entry of ``relu_BS`` over all features (class
+        docstring); no second selection when the pool held every firing feature."""
+        if self.k * self.l >= int((relu_BS > 0).any(dim=0).sum()):
+            return _min_positive(values_K)
+        kept_K = _batch_topk_indices(relu_BS, self.k * relu_BS.shape[0])
+        return _min_positive(relu_BS.flatten()[kept_K])
 
     def hparams(self) -> dict[str, Any]:
         return {"l": self.l, "score": self.score, "pool": self.pool, "seed": self.seed}

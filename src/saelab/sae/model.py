@@ -99,6 +99,21 @@ class SparseAutoencoder(nn.Module):
     def variant(self) -> str:
         return self.activation.variant
 
+    def hparams(self) -> dict[str, Any]:
+        """The variant's hyperparameters besides k (saved in ``cfg.json``)."""
+        return self.activation.hparams()
+
+    def sparsity_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
+        """The variant's weighted training penalty on ``x [batch, d_in]`` with ``out = self(x)``
+        (scalar attached to the graph): the activation's
+        :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0)."""
+        return self.activation.sparsity_loss(out.pre_acts, out.acts, self.W_dec)
+
+    @torch.no_grad()
+    def init_b_dec_(self, b_dec: Tensor) -> None:
+        """Set ``b_dec`` to ``b_dec [d_in]`` (the trainer: a first batch's geometric median)."""
+        self.b_dec.copy_(b_dec)
+
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit L2 norm (Gao et al. 2024, sec. 2.4)."""
@@ -163,11 +178,17 @@ class SparseAutoencoder(nn.Module):
             "d_sae": self.d_sae,
             "variant": self.variant,
             "k": self.activation.k,
-            "hparams": self.activation.hparams(),
+            "hparams": self.hparams(),
             "metadata": dict(metadata if metadata is not None else self.metadata),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         logger.info("saved %s SAE (d_sae=%d) to %s", self.variant, self.d_sae, directory)
+
+    @classmethod
+    def _from_cfg(cls, cfg: dict[str, Any]) -> SparseAutoencoder:
+        """A fresh SAE of the shape and variant described by a ``cfg.json`` mapping."""
+        activation = make_activation(cfg["variant"], cfg["k"], **cfg.get("hparams", {}))
+        return cls(cfg["d_in"], cfg["d_sae"], activation)
 
     @classmethod
     def load(cls, directory: str | Path) -> SparseAutoencoder:
@@ -186,8 +207,7 @@ class SparseAutoencoder(nn.Module):
         missing_keys = [key for key in ("d_in", "d_sae", "variant", "k") if key not in cfg]
         if missing_keys:
             raise ValueError(f"{directory / CONFIG_FILE} lacks key {missing_keys[0]!r}")
-        activation = make_activation(cfg["variant"], cfg["k"], **cfg.get("hparams", {}))
-        sae = cls(cfg["d_in"], cfg["d_sae"], activation)
+        sae = cls._from_cfg(cfg)
         tensors = load_file(str(directory / WEIGHTS_FILE))
         expected = sae._state_tensors()
         if set(tensors) != set(expected):

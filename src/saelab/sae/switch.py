@@ -1,0 +1,177 @@
+"""Switch SAE (Mudide et al. 2024, "Efficient Dictionary Learning with Switch Sparse
+Autoencoders", sec. 3): a router sends each token to one of ``n_experts`` TopK SAEs.
+
+The ``d_sae`` latents are split into ``n_experts`` contiguous blocks of ``d_expert = d_sae /
+n_experts``; expert e owns latents ``[e * d_expert, (e + 1) * d_expert)``, i.e. columns of
+``W_enc [d_in, d_sae]``, rows of ``W_dec [d_sae, d_in]`` and entries of ``b_enc [d_sae]``. All
+experts share ``b_dec [d_in]``. So a Switch SAE keeps the one weight layout of
+:class:`~saelab.sae.model.SparseAutoencoder` (and its decoder normalisation, input-scale folding
+and safetensors format) and adds the router ``W_router [d_in, n_experts]``,
+``b_router [d_in]``:
+
+- router: ``p = softmax((x - b_router) @ W_router)`` [batch, n_experts]; token t goes to
+  ``e_t = argmax_e p_te`` (paper, eq. 1-2);
+- expert: ``pre = (x - b_dec) @ W_enc[:, E_e] + b_enc[E_e]``, ``acts = p_t,e_t * TopK_k(pre)``:
+  scaling by the router probability is what gives the router a gradient (paper, sec. 3.1);
+- ``recon = acts @ W_dec[E_e] + b_dec``;
+- load balancing (Switch Transformers, Fedus et al. 2022, eq. 4; paper sec. 3.2):
+  ``balance_coef * n_experts * sum_e f_e * P_e`` with ``f_e`` the fraction of the batch's tokens
+  routed to e (no gradient) and ``P_e`` the batch mean of ``p_te``. Its minimum is
+  ``balance_coef``, reached by a uniform router.
+
+Routing is real: the tokens of each expert are gathered, encoded and decoded by one matmul per
+expert, and scattered back, so the encoder and decoder cost per token is ``1 / n_experts`` of a
+dense SAE of the same width (the paper's reference code computes the dense encoder and masks it,
+which saves nothing). Unlike the reference code, AuxK is applied (by the trainer, as for TopK):
+a dead latent's pre-activation is computed for the tokens routed to its expert, the other
+entries of :attr:`SAEOutput.pre_acts` are ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saelab.sae.activations import TopK
+from saelab.sae.model import SAEOutput, SparseAutoencoder
+
+
+class SwitchSAE(SparseAutoencoder):
+    """Switch SAE with ``n_experts`` TopK experts of width ``d_sae / n_experts`` (module docstring).
+
+    Args:
+        d_in, d_sae: as for :class:`SparseAutoencoder`; ``d_sae`` counts the latents of all
+            experts together (width-matched to a dense SAE of ``d_sae`` latents).
+        k: active latents per token, all within the token's expert.
+        n_experts: number of experts E (>= 1; 1 is a dense TopK SAE times p = 1).
+        balance_coef: α of the load-balancing loss (the paper: ~3 removes dead latents).
+        generator: RNG for the init. Router init: ``W_router ~ N(0, 1 / d_in)``, ``b_router``
+            = 0 until :meth:`init_b_dec_` sets it with ``b_dec``.
+
+    Raises:
+        ValueError: ``n_experts`` does not divide ``d_sae``, ``k > d_sae / n_experts``, or
+            ``balance_coef < 0``.
+    """
+
+    W_router: nn.Parameter
+    b_router: nn.Parameter
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        n_experts: int,
+        balance_coef: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if n_experts < 1 or d_sae % n_experts or not 0 < k <= d_sae // n_experts:
+            raise ValueError(
+                f"SwitchSAE: need n_experts >= 1 dividing d_sae and 0 < k <= d_sae / n_experts; "
+                f"got d_sae={d_sae}, n_experts={n_experts}, k={k}"
+            )
+        if not balance_coef >= 0:
+            raise ValueError(f"SwitchSAE: balance_coef must be >= 0, got {balance_coef}")
+        super().__init__(d_in, d_sae, TopK(k), generator)
+        self.n_experts = n_experts
+        self.d_expert = d_sae // n_experts
+        self.balance_coef = balance_coef
+        W_router_DE = torch.randn(d_in, n_experts, generator=generator) / math.sqrt(d_in)
+        self.W_router = nn.Parameter(W_router_DE)
+        self.b_router = nn.Parameter(torch.zeros(d_in))
+
+    @property
+    def variant(self) -> str:
+        return "switch"
+
+    def hparams(self) -> dict[str, Any]:
+        return {"n_experts": self.n_experts, "balance_coef": self.balance_coef}
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [batch, d_in] -> (probs [batch, n_experts] float32, expert [batch] int64 = argmax)."""
+        probs_BE = torch.softmax((x - self.b_router) @ self.W_router, dim=-1)
+        return probs_BE, probs_BE.argmax(dim=-1)
+
+    def _experts(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Per-expert views (no copies): W_enc [d_in, d_expert], W_dec [d_expert, d_in],
+        b_enc [d_expert]. ``unbind`` gives each parameter one backward node for all experts."""
+        E, M = self.n_experts, self.d_expert
+        W_enc_EDM = self.W_enc.view(self.d_in, E, M).permute(1, 0, 2)
+        return (
+            W_enc_EDM.unbind(0),
+            self.W_dec.view(E, M, self.d_in).unbind(0),
+            self.b_enc.view(E, M).unbind(0),
+        )
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """x [batch, d_in] -> SAEOutput(recon [batch, d_in], acts [batch, d_sae],
+        pre_acts [batch, d_sae]); acts are zero and pre_acts ``-inf`` outside each token's
+        expert. One encoder and one decoder matmul per expert that received tokens."""
+        probs_BE, expert_B = self.route(x)
+        p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
+        W_enc, W_dec, b_enc = self._experts()
+        order, pre_rows, act_rows, recon_rows = [], [], [], []
+        for e in range(self.n_experts):
+            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
+            if idx_N.numel() == 0:
+                continue
+            pre_NM = torch.addmm(b_enc[e] - self.b_dec @ W_enc[e], x[idx_N], W_enc[e])
+            acts_NM = self.activation(pre_NM) * p_B[idx_N, None]
+            order.append(idx_N)
+            pre_rows.append(pre_NM)
+            act_rows.append(acts_NM)
+            recon_rows.append(torch.addmm(self.b_dec, acts_NM, W_dec[e]))
+        inverse_B = torch.empty_like(expert_B)
+        order_B = torch.cat(order)
+        inverse_B[order_B] = torch.arange(order_B.numel(), device=x.device)
+        recon_BD = torch.cat(recon_rows)[inverse_B]
+        acts_BS = self._to_dense(torch.cat(act_rows)[inverse_B], expert_B, 0.0)
+        pre_BS = self._to_dense(torch.cat(pre_rows)[inverse_B], expert_B, float("-inf"))
+        return SAEOutput(recon_BD, acts_BS, pre_BS)
+
+    def _to_dense(self, rows_BM: Tensor, expert_B: Tensor, fill: float) -> Tensor:
+        """Place each token's ``[d_expert]`` row in its expert's block of a ``[batch, d_sae]``
+        tensor filled with ``fill`` (differentiable in ``rows_BM``)."""
+        B, E, M = rows_BM.shape[0], self.n_experts, self.d_expert
+        dense_BEM = rows_BM.new_full((B, E, M), fill)
+        index_B1M = expert_B.view(B, 1, 1).expand(B, 1, M)
+        return dense_BEM.scatter(1, index_B1M, rows_BM.unsqueeze(1)).view(B, E * M)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [batch, d_in] -> acts [batch, d_sae] (routed; zero outside the token's expert)."""
+        return self.forward(x).acts
+
+    def sparsity_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
+        """Load-balancing loss ``balance_coef * n_experts * sum_e f_e P_e`` (module docstring)
+        on ``x [batch, d_in]``; scalar attached to the router's parameters. The router is
+        recomputed (a [batch, d_in] x [d_in, n_experts] product) rather than carried in ``out``.
+        """
+        probs_BE, expert_B = self.route(x)
+        f_E = torch.bincount(expert_B, minlength=self.n_experts).to(probs_BE.dtype) / len(x)
+        return self.balance_coef * self.n_experts * (f_E * probs_BE.mean(dim=0)).sum()
+
+    @torch.no_grad()
+    def init_b_dec_(self, b_dec: Tensor) -> None:
+        """Set ``b_dec`` and ``b_router`` to ``b_dec [d_in]`` (the trainer passes the geometric
+        median of a first batch), so the router sees centred inputs from the first step."""
+        super().init_b_dec_(b_dec)
+        self.b_router.copy_(b_dec)
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """As :meth:`SparseAutoencoder.fold_input_scale_`, and the router:
+        ``(c x - b_router) @ W_router = (x - b_router / c) @ (c W_router)``, so the routing and
+        the router probabilities on raw x are those of the trained SAE on ``c x``."""
+        super().fold_input_scale_(scale)
+        self.W_router *= scale
+        self.b_router /= scale
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return super()._state_tensors() | {"W_router": self.W_router, "b_router": self.b_router}
+
+    @classmethod
+    def _from_cfg(cls, cfg: dict[str, Any]) -> SwitchSAE:
+        return cls(cfg["d_in"], cfg["d_sae"], cfg["k"], **cfg.get("hparams", {}))
