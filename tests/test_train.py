@@ -59,6 +59,7 @@ def make_cfg(**overrides) -> TrainConfig:
         aux_coef=1 / 32,
         shuffle_chunks=1,
         log_every=10,
+        checkpoint_every=0,
         seed=0,
         device="cpu",
     )
