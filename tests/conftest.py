@@ -87,7 +87,7 @@ def tiny_params(model_dir: Path, corpus_dirs: list[str], tracking_uri: str | Non
     params["sae"].update(d_sae=128)
     params["train"].update(
         n_tokens=4096, batch_size=256, scale_tokens=512, dead_tokens=2048, k_aux=32,
-        warmup_steps=2, log_every=4, shuffle_chunks=2,
+        warmup_steps=2, log_every=4, checkpoint_every=8, shuffle_chunks=2,
     )  # fmt: skip
     params["evaluate"].update(n_ctx=8, batch_size=4)
     params["tracking"].update(tracking_uri=tracking_uri)

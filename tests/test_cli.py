@@ -17,6 +17,7 @@ import torch
 import yaml
 import zarr
 
+import saelab.train
 from saelab.cli import main
 from saelab.data import read_token_attrs, read_tokens
 from saelab.sae import SparseAutoencoder
@@ -223,6 +224,59 @@ def test_mlflow_has_one_run_per_variant(llama_run: Path) -> None:
         metrics = json.loads((llama_run / "metrics" / f"{variant}.json").read_text())
         for key in ("fvu", "l0", "ce_spliced", "ce_loss_recovered"):
             assert run.data.metrics[f"eval/{key}"] == pytest.approx(metrics[key])
+
+
+def test_train_stopped_by_sigterm_resumes_from_its_checkpoints(
+    llama_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --checkpoints DIR` stopped by SIGTERM during step 10 of 16 finishes that step,
+    checkpoints it and exits 143 with no SAE written; run again it resumes in the same MLflow
+    run (tagged resumed_from_step=10, FINISHED, train/fvu logged once at each log_every step),
+    removes DIR and saves the weights of the uninterrupted `train` of llama_run, bit for bit.
+    evaluate.n_ctx changes in between: params that do not shape training may differ, and the
+    MLflow run keeps their first value."""
+    from mlflow import MlflowClient
+
+    params = _params(llama_run)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params["tracking"]["tracking_uri"] = uri
+    path = write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    real_step, calls = saelab.train.train_step, []
+
+    def step_with_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            signal.raise_signal(signal.SIGTERM)  # mid-step: handled once the step is done
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(saelab.train, "train_step", step_with_sigterm)
+    acts = llama_run / "data" / "activations"
+    args = ("train", "--params", path, "--variant", "topk", "--activations", acts,
+            "--out", "sae", "--checkpoints", "ckpt/topk")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "sae").exists() and (tmp_path / "ckpt" / "topk").is_dir()
+
+    monkeypatch.setattr(saelab.train, "train_step", real_step)
+    n_ctx = params["evaluate"]["n_ctx"]
+    params["evaluate"]["n_ctx"] = n_ctx // 2
+    write_params(path, params)
+    run_cli(*args)
+
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == []
+    resumed = SparseAutoencoder.load(tmp_path / "sae").state_dict()
+    for name, tensor in SparseAutoencoder.load(llama_run / "models" / "topk").state_dict().items():
+        assert torch.equal(tensor, resumed[name]), name
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("saelab").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "10"
+    assert run.data.params["evaluate.n_ctx"] == str(n_ctx)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["mlflow_run_id"] == run.info.run_id
+    history = client.get_metric_history(run.info.run_id, "train/fvu")
+    assert sorted(m.step for m in history) == [4, 8, 12, 16]
 
 
 def test_gpt2_prepare_and_cache_at_resid_post(

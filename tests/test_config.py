@@ -52,6 +52,7 @@ def test_default_params_load_and_are_frozen() -> None:
         ("cache.codec", "lzma", "cache.codec must be one of"),
         ("train.lr", -1e-3, "train.lr must be null (auto) or a number > 0"),
         ("train.n_tokens", 10, "train.n_tokens must be an integer >= batch_size"),
+        ("train.checkpoint_every", -1, "train.checkpoint_every must be an integer >= 0 (0: never)"),
         ("sae.exclude_norm_factor", 0.5, "sae.exclude_norm_factor must be null or a number > 1"),
         ("variant_params.relu.l1_coef", -0.1, "variant_params.relu.l1_coef must be a number >= 0"),
         ("variant_params.jumprelu.bandwidth", 0, "jumprelu.bandwidth must be a number > 0"),

@@ -126,3 +126,22 @@ def test_mlflow_run_marks_failed_and_reraises(tmp_path: Path) -> None:
             run_id = tracker.run_id
             raise RuntimeError("boom")
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_reopened_run_keeps_logged_params_and_takes_tags(tmp_path: Path, caplog) -> None:
+    """Logging params into a reopened run (a resumed training) adds the new ones and keeps the
+    first value of a changed one (MLflow forbids changing it) with a warning naming it, instead
+    of failing; set_tags adds tags."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_run("exp", uri, "topk", {}) as tracker:
+        tracker.log_params({"k": 8, "evaluate.n_ctx": 64})
+        run_id = tracker.run_id
+    with mlflow_run("exp", uri, "topk", {}, run_id) as tracker:
+        tracker.log_params({"k": 8, "evaluate.n_ctx": 32, "train.checkpoint_every": 56})
+        tracker.set_tags({"resumed_from_step": "10"})
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.params == {"k": "8", "evaluate.n_ctx": "64", "train.checkpoint_every": "56"}
+    assert run.data.tags["resumed_from_step"] == "10"
+    assert "keeps its logged values of ['evaluate.n_ctx']" in caplog.text

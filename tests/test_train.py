@@ -1,11 +1,18 @@
-"""Specifications of the training step and loop (CPU, seeded, tiny synthetic data)."""
+"""Specifications of the training step, the loop and its checkpoints (CPU, seeded, tiny
+synthetic data)."""
 
+import itertools
+import logging
 import math
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+import saelab.train
+from saelab.checkpoint import STATE_FILE, fingerprint, peek_checkpoint, save_checkpoint
 from saelab.config import TrainConfig
 from saelab.sae import SparseAutoencoder, SwitchSAE, make_activation
 from saelab.train import (
@@ -29,17 +36,22 @@ def _one_thread(one_thread_module):
 
 
 class RecordingTracker:
-    """Keeps every log_metrics call as (step, metrics)."""
+    """Keeps every log_metrics call as (step, metrics), and the params and tags."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
         self.logged: list[tuple[int, dict[str, float]]] = []
         self.params: dict = {}
+        self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.logged.append((step, dict(metrics)))
 
     def log_params(self, params: dict) -> None:
         self.params.update(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
 
 
 def make_cfg(**overrides) -> TrainConfig:
@@ -59,6 +71,7 @@ def make_cfg(**overrides) -> TrainConfig:
         aux_coef=1 / 32,
         shuffle_chunks=1,
         log_every=10,
+        checkpoint_every=0,
         seed=0,
         device="cpu",
     )
@@ -362,3 +375,200 @@ def test_switch_training_learns_and_uses_every_expert():
     assert summary["sparsity_loss"] >= 1.0 - 1e-6
     _, expert = sae.route(next(synthetic_batches()))  # raw inputs: the folded router
     assert torch.bincount(expert, minlength=4).min() > 0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+RESUME_HPARAMS = {
+    "topk": {},
+    "batchtopk": {},
+    "relu": HPARAMS["relu"],
+    "jumprelu": HPARAMS["jumprelu"],
+    "sampled": HPARAMS["sampled"],  # pool "sample", 64 of 96 latents: draws from its generator
+}
+RESUME_STEPS = 30  # with make_cfg's scale_tokens 1024: 4 scale batches, then 30 steps
+
+
+def _resume_cfg(**overrides) -> TrainConfig:
+    return make_cfg(**({"n_tokens": 256 * RESUME_STEPS, "checkpoint_every": 8} | overrides))
+
+
+def _resume_sae(variant: str, k: int = 4) -> SparseAutoencoder:
+    activation = make_activation(variant, k, **RESUME_HPARAMS[variant])
+    return SparseAutoencoder(32, 96, activation, generator=torch.Generator().manual_seed(0))
+
+
+def _batches(seed: int = 1) -> list[torch.Tensor]:
+    """The whole stream of a 30-step run, in memory: every pass replays the same batches."""
+    return list(itertools.islice(synthetic_batches(seed=seed), 4 + RESUME_STEPS))
+
+
+def _stopped_at(batches: list[torch.Tensor], step: int, exc: BaseException) -> Iterator:
+    """``batches``, raising ``exc`` when step ``step``'s batch is asked for (after ``step``
+    completed steps; step 0's batch is the 5th, taken with the scale batches)."""
+    yield from batches[: 4 + step]
+    raise exc
+
+
+def _saved(directory: Path) -> dict:
+    return torch.load(directory / STATE_FILE, weights_only=True)
+
+
+def _assert_same_weights(a: SparseAutoencoder, b: SparseAutoencoder) -> None:
+    """Bit for bit: W_enc, W_dec, b_enc, b_dec and the activation's state (thresholds)."""
+    b_state = b.state_dict()
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b_state[name]), name
+
+
+def _without_timing(summary: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_s")}
+
+
+@pytest.mark.parametrize("variant", list(RESUME_HPARAMS))
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path: Path, variant: str):
+    """Specification of resume: 30 steps in one go, and 30 steps stopped by Ctrl-C when step 13's
+    batch is asked for, then resumed from the checkpoint written on the interrupt, end with
+    identical weights (torch.equal, not allclose: on CPU the same ops on the same inputs give
+    the same bits, and the resumed run replays the same batches with the same Adam state, RNG
+    states and book-keeping), the same summary but the timings, and together log exactly what
+    the uninterrupted run logs (the log window spanning the interrupt included)."""
+    batches, cfg = _batches(), _resume_cfg()
+    straight, straight_log = _resume_sae(variant), RecordingTracker()
+    summary = train_sae(straight, batches, cfg, straight_log, CPU)
+
+    ckpt = tmp_path / "ckpt"
+    first_log, second_log = RecordingTracker(), RecordingTracker()
+    with pytest.raises(KeyboardInterrupt):
+        stopped = _stopped_at(batches, 13, KeyboardInterrupt())
+        train_sae(_resume_sae(variant), stopped, cfg, first_log, CPU, ckpt)
+    saved = _saved(ckpt)
+    assert saved["step"] == 13 and saved["tokens"] == 13 * 256
+    assert (saved["rng"]["activation"] is not None) == (variant == "sampled")
+    resumed = _resume_sae(variant)
+    resumed_summary = train_sae(resumed, batches, cfg, second_log, CPU, ckpt)
+
+    _assert_same_weights(straight, resumed)
+    assert _without_timing(resumed_summary) == _without_timing(summary)
+    assert second_log.tags == {"resumed_from_step": "13"}
+    assert first_log.logged + second_log.logged == straight_log.logged
+    assert not ckpt.exists()
+
+
+def test_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path):
+    """An error that is no interrupt (or a kill -9) writes no checkpoint: the one of step 8
+    (checkpoint_every 8) stays, and resuming from it still ends with the uninterrupted weights."""
+    batches, cfg = _batches(), _resume_cfg()
+    straight = _resume_sae("sampled")
+    train_sae(straight, batches, cfg, RecordingTracker(), CPU)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        stopped = _stopped_at(batches, 13, RuntimeError("disk on fire"))
+        train_sae(_resume_sae("sampled"), stopped, cfg, RecordingTracker(), CPU, ckpt)
+    assert _saved(ckpt)["step"] == 8
+    resumed = _resume_sae("sampled")
+    train_sae(resumed, batches, cfg, RecordingTracker(), CPU, ckpt)
+    _assert_same_weights(straight, resumed)
+
+
+def test_an_interrupt_signal_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
+    """SIGINT arriving in the middle of step 13 (after Adam's update, before the book-keeping)
+    is held until the step is complete: the checkpoint is the state after 13 steps, never a
+    half-applied update, and resuming from it ends with the uninterrupted weights."""
+    batches, cfg = _batches(), _resume_cfg()
+    straight = _resume_sae("topk")
+    train_sae(straight, batches, cfg, RecordingTracker(), CPU)
+
+    calls = []
+
+    def step_then_sigint(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 13:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(saelab.train, "train_step", step_then_sigint)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_resume_sae("topk"), batches, cfg, RecordingTracker(), CPU, ckpt)
+    assert _saved(ckpt)["step"] == 13
+    monkeypatch.setattr(saelab.train, "train_step", train_step)
+    resumed = _resume_sae("topk")
+    train_sae(resumed, batches, cfg, RecordingTracker(), CPU, ckpt)
+    _assert_same_weights(straight, resumed)
+
+
+@pytest.mark.parametrize(("every", "expected"), [(8, [8, 16, 24]), (0, [])])
+def test_checkpoints_every_checkpoint_every_steps_and_removed_after_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int, expected: list[int]
+):
+    """30 steps, checkpoint_every 8: complete checkpoints (SAE + trainer state) after steps 8,
+    16 and 24 (none at 30: the run is complete), then the directory is removed and no
+    temporary sibling is left; checkpoint_every 0 writes none."""
+    written = []
+
+    def save_and_list(directory, sae, state):
+        save_checkpoint(directory, sae, state)
+        written.append((state.step, sorted(p.name for p in Path(directory).iterdir())))
+
+    monkeypatch.setattr(saelab.train, "save_checkpoint", save_and_list)
+    ckpt = tmp_path / "ckpt"
+    cfg = _resume_cfg(checkpoint_every=every)
+    train_sae(_resume_sae("topk"), _batches(), cfg, RecordingTracker(), CPU, ckpt)
+    files = ["cfg.json", "sae.safetensors", STATE_FILE]
+    assert written == [(step, files) for step in expected]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"cfg": {"lr": 2e-2}}, "other params"),
+        ({"k": 5}, "other params"),
+        ({"data_id": {"store": "another"}}, "other params"),
+        ({"batches": 2}, "input scale"),
+        ({"corrupt": True}, "unreadable"),
+    ],
+    ids=["lr", "k", "data_id", "other-batches", "corrupt"],
+)
+def test_a_checkpoint_that_does_not_match_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: dict, why: str
+):
+    """A checkpoint of a run with another lr, k or data identity (fingerprint), of other
+    batches (input scale), or an unreadable one, is not resumed: a warning says why, and the
+    run trains from scratch exactly as without it (same weights, no resumed_from_step tag)."""
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        stopped = _stopped_at(_batches(), 13, KeyboardInterrupt())
+        train_sae(_resume_sae("topk"), stopped, _resume_cfg(), RecordingTracker(), CPU, ckpt, None)
+    if change.get("corrupt"):
+        (ckpt / STATE_FILE).write_bytes(b"not a checkpoint")
+    cfg = _resume_cfg(**change.get("cfg", {}))
+    batches, data_id = _batches(change.get("batches", 1)), change.get("data_id")
+    fresh = _resume_sae("topk", change.get("k", 4))
+    train_sae(fresh, batches, cfg, RecordingTracker(), CPU, None, data_id)
+
+    tracker, again = RecordingTracker(), _resume_sae("topk", change.get("k", 4))
+    with caplog.at_level(logging.WARNING, logger="saelab"):
+        train_sae(again, batches, cfg, tracker, CPU, ckpt, data_id)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not resuming" in m and why in m and "starting fresh" in m for m in warnings)
+    assert tracker.tags == {}
+    _assert_same_weights(fresh, again)
+    assert not ckpt.exists()
+
+
+def test_peek_checkpoint_gives_the_run_id_to_a_matching_run_only(tmp_path: Path):
+    """The checkpoint keeps the tracker's run id; peek_checkpoint returns it for the run that
+    would resume it (same fingerprint) and None for another run or no checkpoint."""
+    ckpt, cfg = tmp_path / "ckpt", _resume_cfg()
+    assert peek_checkpoint(ckpt, "any") is None
+    with pytest.raises(KeyboardInterrupt):
+        stopped = _stopped_at(_batches(), 9, KeyboardInterrupt())
+        train_sae(_resume_sae("topk"), stopped, cfg, RecordingTracker("run-1"), CPU, ckpt)
+    sae = _resume_sae("topk")
+    assert peek_checkpoint(ckpt, fingerprint(sae, cfg, CPU)) == "run-1"
+    assert peek_checkpoint(ckpt, fingerprint(sae, _resume_cfg(seed=1), CPU)) is None
+    # checkpoint_every, log_every and device do not change the weights: still the same run
+    assert peek_checkpoint(ckpt, fingerprint(sae, _resume_cfg(log_every=3), CPU)) == "run-1"

@@ -10,11 +10,16 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params
+
+if TYPE_CHECKING:
+    from saelab.store import ActivationStore
 
 log = logging.getLogger("saelab")
 
@@ -111,25 +116,54 @@ def cache(params_path: str, tokens: str, out: str) -> None:
 @VARIANT
 @click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="SAE directory")
-def train(params_path: str, variant: str, activations: str, out: str) -> None:
+@click.option(
+    "--checkpoints", "checkpoint_dir", default=None, type=click.Path(file_okay=False),
+    help="Checkpoint directory: written every train.checkpoint_every steps and on interrupt, "
+    "resumed (in the same MLflow run) when it matches, removed when training completes. "
+    "Default: no checkpoints.",
+)  # fmt: skip
+def train(
+    params_path: str, variant: str, activations: str, out: str, checkpoint_dir: str | None
+) -> None:
     """Train one SAE variant on the cached train activations; save safetensors + cfg.json."""
     import torch
 
     from saelab.capture import resolve_device
+    from saelab.checkpoint import fingerprint, peek_checkpoint
     from saelab.sae import build_sae
-    from saelab.store import (
-        ActivationStore,
-        ShuffledBatches,
-        atomic_dir,
-        drop_outliers,
-        median_norm,
-    )
+    from saelab.store import ActivationStore, atomic_dir
     from saelab.tracking import flatten, mlflow_run, run_tags, tracking_uri
     from saelab.train import train_sae
 
     cfg = load_params(params_path)
     device = resolve_device(cfg.train.device)
     store = ActivationStore(Path(activations) / "train")
+    batches, max_norm = _training_batches(cfg, store)
+    data_id = {"store": store.attrs, "exclude_first_position": cfg.sae.exclude_first_position,
+               "max_norm": max_norm}  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    hparams = cfg.variant_params.of(variant)
+    sae = build_sae(variant, store.d_in, cfg.sae.d_sae, cfg.k, hparams, generator)
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run_id = None  # a resumed training logs to the run of its checkpoint
+    if checkpoints is not None:
+        run_id = peek_checkpoint(checkpoints, fingerprint(sae, cfg.train, device, data_id))
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant), run_id) as tracker:
+        tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
+        summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id)
+        tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
+        metadata = _sae_metadata(cfg, store.attrs, summary, tracker.run_id)
+        metadata["max_norm"] = max_norm
+        with atomic_dir(out) as tmp:
+            sae.cpu().save(tmp, metadata)
+
+
+def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
+    """The seeded stream of shuffled training batches (sinks dropped) and the norm above which
+    a token counts as a sink (None: no norm cut)."""
+    from saelab.store import ShuffledBatches, drop_outliers, median_norm
+
     exclude = cfg.sae.exclude_first_position
     max_norm = None
     if cfg.sae.exclude_norm_factor is not None:
@@ -142,18 +176,7 @@ def train(params_path: str, variant: str, activations: str, out: str) -> None:
         ),
         max_norm,
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    hparams = cfg.variant_params.of(variant)
-    sae = build_sae(variant, store.d_in, cfg.sae.d_sae, cfg.k, hparams, generator)
-    uri = tracking_uri(cfg.tracking.tracking_uri)
-    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant)) as tracker:
-        tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
-        summary = train_sae(sae, batches, cfg.train, tracker, device)
-        tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
-        metadata = _sae_metadata(cfg, store.attrs, summary, tracker.run_id)
-        metadata["max_norm"] = max_norm
-        with atomic_dir(out) as tmp:
-            sae.cpu().save(tmp, metadata)
+    return batches, max_norm
 
 
 def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id: str) -> dict:

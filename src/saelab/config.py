@@ -180,6 +180,12 @@ class TrainConfig:
     k_aux, aux_coef: AuxK loss on the top k_aux dead latents, weight aux_coef (Gao et al. 2024,
         appendix A.2: d_in/2 and 1/32).
     shuffle_chunks: zarr chunks held in memory and shuffled together at token level.
+    log_every: steps between logged means of the training metrics.
+    checkpoint_every: steps between training checkpoints (0: never). A checkpoint holds the
+        weights, Adam's state, the RNG states and the loop's book-keeping, so an interrupted run
+        resumes where it stopped and ends with the same weights as an uninterrupted one; it is
+        also written when the run is interrupted (Ctrl-C, SIGTERM), and removed when the run
+        completes (see :func:`saelab.train.train_sae` and :mod:`saelab.checkpoint`).
     """
 
     n_tokens: int
@@ -197,6 +203,7 @@ class TrainConfig:
     aux_coef: float
     shuffle_chunks: int
     log_every: int
+    checkpoint_every: int
     seed: int
     device: str
 
@@ -216,6 +223,7 @@ class TrainConfig:
         _require(self.aux_coef >= 0, "train.aux_coef", "a number >= 0")
         _require(self.shuffle_chunks > 0, "train.shuffle_chunks", "an integer > 0")
         _require(self.log_every > 0, "train.log_every", "an integer > 0")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: never)")
         _require(self.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}")
 
     @property

@@ -22,11 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
-    """What the training loop and the stages log to."""
+    """What the training loop and the stages log to; ``run_id`` names the run (None: none)."""
+
+    run_id: str | None
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
 
 class NullTracker:
@@ -40,6 +44,9 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
 
 class MlflowTracker:
     """Logs to one MLflow run (``run_id``), through the client API (no global active run)."""
@@ -49,9 +56,17 @@ class MlflowTracker:
         self.run_id = run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log ``params`` (values as strings, at most 6000 characters). MLflow forbids changing
+        a logged param: in a reopened run (a resumed training), params already logged are
+        skipped, and those whose value changed keep the old value, with a warning naming them."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        new = {k: str(v)[:6000] for k, v in params.items()}
+        logged = self.client.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in new.items() if k in logged and logged[k] != v)
+        if changed:
+            log.warning("MLflow run %s keeps its logged values of %s", self.run_id, changed)
+        items = [Param(k, v) for k, v in new.items() if k not in logged]
         for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -63,6 +78,11 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def repo_root() -> Path:

@@ -15,15 +15,28 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saelab.checkpoint import (
+    Checkpoint,
+    TrainerState,
+    fingerprint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from saelab.config import TrainConfig
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
@@ -195,12 +208,23 @@ class _LoopState:
     """Book-keeping of :func:`train_sae` between steps (no tensors kept alive but these)."""
 
     def __init__(self, d_sae: int, dead_tokens: int, device: torch.device) -> None:
+        self.steps = 0  # completed steps
+        self.tokens = 0  # tokens trained on
         self.silent_tokens = torch.zeros(d_sae, dtype=torch.long, device=device)  # [d_sae]
         self.dead_tokens = dead_tokens
         self.window: list[dict[str, float]] = []  # metrics since the last log
         self.final: deque[dict[str, float]] = deque(maxlen=_FINAL_STEPS)
         self.recent_raw: deque[Tensor] = deque(maxlen=_INFERENCE_L0_BATCHES)
         self.min_kept: list[float] = []  # BatchTopK: smallest kept act, threshold window only
+        self.start_clock()
+
+    def start_clock(self, earlier_seconds: float = 0.0) -> None:
+        """Count training time from now, on top of ``earlier_seconds`` (interrupted attempts)."""
+        self._earlier_seconds, self._started = earlier_seconds, time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training seconds of this attempt and of the attempts it resumes."""
+        return self._earlier_seconds + time.perf_counter() - self._started
 
     def dead(self) -> Tensor:
         """[d_sae] bool: latents silent for at least ``dead_tokens`` tokens (Gao et al., A.2)."""
@@ -208,6 +232,7 @@ class _LoopState:
 
     def record(self, result: StepResult, x_raw: Tensor) -> None:
         self.silent_tokens.add_(x_raw.shape[0]).masked_fill_(result.fired, 0)
+        self.tokens += x_raw.shape[0]
         self.window.append(result.metrics)
         self.final.append(result.metrics)
         self.recent_raw.append(x_raw)
@@ -217,6 +242,24 @@ class _LoopState:
         means = {key: _mean([m[key] for m in self.window]) for key in self.window[0]}
         self.window = []
         return means
+
+    def state_dict(self) -> dict[str, Any]:
+        """The book-keeping a checkpoint keeps: silent_tokens ([d_sae] int64, CPU), window,
+        final, min_kept. Not steps, tokens, time (the checkpoint has them) nor recent_raw (a
+        resumed run replays those batches)."""
+        return {
+            "silent_tokens": self.silent_tokens.cpu().clone(),
+            "window": [dict(m) for m in self.window],
+            "final": [dict(m) for m in self.final],
+            "min_kept": list(self.min_kept),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.silent_tokens.copy_(saved["silent_tokens"])
+        self.window = [dict(m) for m in saved["window"]]
+        self.final = deque((dict(m) for m in saved["final"]), maxlen=_FINAL_STEPS)
+        self.min_kept = list(saved["min_kept"])
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -295,16 +338,180 @@ def _inference_metrics(sae: SparseAutoencoder, raw_batches: Iterable[Tensor]) ->
     return {"inference_l0_train": _mean(l0s), "inference_fvu_train": _mean(fvus)}
 
 
-def _log(
-    tracker: Tracker, bar: tqdm, state: _LoopState, step: int, lr: float, tok_per_s: float
-) -> None:
+def _log(tracker: Tracker, bar: tqdm, state: _LoopState, lr: float) -> None:
+    """Log the window's means, the dead fraction and ``lr`` at step ``state.steps``."""
+    tok_per_s = state.tokens / state.seconds()
     metrics = {f"train/{key}": value for key, value in state.pop_window().items()}
     metrics["train/dead_fraction"] = float(state.dead().float().mean())
     metrics["train/lr"] = lr
-    tracker.log_metrics(metrics, step=step)
+    tracker.log_metrics(metrics, step=state.steps)
     bar.set_postfix(
         fvu=f"{metrics['train/fvu']:.3f}", l0=f"{metrics['train/l0']:.1f}", tok_s=f"{tok_per_s:.0f}"
     )
+
+
+@contextmanager
+def _signals_held(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, then handle them as they would have been
+    (Ctrl-C raises KeyboardInterrupt; the CLI turns SIGTERM into SystemExit), so an interrupt
+    never leaves a training step half done. If the block raises, held signals are dropped (its
+    exception ends the step anyway). Python runs signal handlers in the main thread only:
+    elsewhere nothing can interrupt the block and this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append((signum, frame))
+
+    previous = {signum: signal.signal(signum, hold) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum, frame in held:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler not installed from Python
+            signal.raise_signal(signum)
+
+
+def _rng_states(sae: SparseAutoencoder, device: torch.device) -> dict[str, Tensor | None]:
+    """torch's CPU RNG, the CUDA device's (None on CPU) and the activation's own (or None)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "activation": sae.activation.rng_state()}
+
+
+def _set_rng_states(
+    sae: SparseAutoencoder, rng: dict[str, Tensor | None], device: torch.device
+) -> None:
+    """Inverse of :func:`_rng_states`."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    sae.activation.set_rng_state(rng["activation"])
+
+
+class _Run:
+    """One attempt at :func:`train_sae`'s loop: its objects, one step, its checkpoints."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        cfg: TrainConfig,
+        tracker: Tracker,
+        scale: float,
+        device: torch.device,
+        checkpoint_dir: Path | None,
+        fingerprint: str,
+    ) -> None:
+        self.sae, self.cfg, self.tracker, self.scale, self.device = sae, cfg, tracker, scale, device
+        self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
+        self.saved_step: int | None = None  # step of the checkpoint on disk, when known
+        self.peak_lr = cfg.lr if cfg.lr is not None else auto_lr(sae.d_sae)
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.optimizer = torch.optim.Adam(param_groups(sae), lr=self.peak_lr, betas=betas)
+        n_steps = cfg.n_steps
+        self.threshold_start = n_steps - max(1, math.ceil(n_steps * cfg.threshold_fraction))
+        self.state = _LoopState(sae.d_sae, cfg.dead_tokens, device)
+        self.step_kwargs = {
+            "k_aux": cfg.k_aux,
+            "aux_coef": cfg.aux_coef,
+            "grad_clip": cfg.grad_clip,
+        }
+
+    def run(self, batches: Iterator[Tensor]) -> None:
+        """Steps ``state.steps`` to ``n_steps - 1``; a checkpoint every ``checkpoint_every``
+        steps, and one on KeyboardInterrupt / SystemExit (then re-raised)."""
+        n_steps, done = self.cfg.n_steps, self.state.steps
+        bar = tqdm(range(done, n_steps), initial=done, total=n_steps, unit="step",
+                   desc=f"train {self.sae.variant}")  # fmt: skip
+        mid_step = False
+        try:
+            for step in bar:
+                x_raw_BD = _next_batch(batches, step, self.sae.d_in, self.device)
+                with _signals_held():
+                    mid_step = True
+                    self.step(x_raw_BD, bar)
+                    mid_step = False
+                if self._checkpoint_due():
+                    self.save()
+        except (KeyboardInterrupt, SystemExit):
+            self._save_on_interrupt(mid_step)
+            raise
+
+    def step(self, x_raw_BD: Tensor, bar: tqdm) -> None:
+        """Train step number ``state.steps`` on the raw batch ``[batch, d_in]``; log if due."""
+        cfg, state, optimizer = self.cfg, self.state, self.optimizer
+        step = state.steps
+        lr = lr_at(step, cfg.n_steps, self.peak_lr, cfg.warmup_steps, cfg.lr_decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        x_BD = x_raw_BD * self.scale
+        result = train_step(self.sae, optimizer, x_BD, state.dead(), **self.step_kwargs)
+        state.record(result, x_raw_BD)
+        min_kept = getattr(self.sae.activation, "last_min_kept", None)
+        if step >= self.threshold_start and min_kept is not None:
+            state.min_kept.append(float(min_kept))
+        state.steps = step + 1
+        if state.steps % cfg.log_every == 0 or state.steps == cfg.n_steps:
+            _log(self.tracker, bar, state, lr)
+
+    def _checkpoint_due(self) -> bool:
+        every, steps = self.cfg.checkpoint_every, self.state.steps
+        due = every > 0 and steps % every == 0 and steps < self.cfg.n_steps
+        return self.checkpoint_dir is not None and due
+
+    def save(self) -> None:
+        """Write the checkpoint of the state after ``state.steps`` completed steps."""
+        assert self.checkpoint_dir is not None
+        state = self.state
+        trainer_state = TrainerState(
+            step=state.steps, tokens=state.tokens, seconds=state.seconds(),
+            input_scale=self.scale, optimizer=self.optimizer.state_dict(),
+            loop=state.state_dict(), rng=_rng_states(self.sae, self.device),
+            mlflow_run_id=self.tracker.run_id, fingerprint=self.fingerprint,
+        )  # fmt: skip
+        save_checkpoint(self.checkpoint_dir, self.sae, trainer_state)
+        self.saved_step = state.steps
+
+    def _save_on_interrupt(self, mid_step: bool) -> None:
+        """Checkpoint an interrupted run, unless nothing is new or a step was left half done
+        (its update partly applied: not a state of the run; the checkpoint on disk stays)."""
+        steps = self.state.steps
+        if self.checkpoint_dir is None or steps in (0, self.saved_step):
+            return
+        if mid_step:
+            logger.warning("interrupted inside step %d: no checkpoint of it", steps + 1)
+            return
+        logger.warning("interrupted after step %d of %d: checkpointing", steps, self.cfg.n_steps)
+        self.save()
+
+    def resume(self, checkpoint: Checkpoint, batches: Iterator[Tensor]) -> bool:
+        """Restore ``checkpoint`` and skip the batches it has trained on (the last
+        ``_INFERENCE_L0_BATCHES`` of them kept for the summary, as in a run that never
+        stopped): True. False, with a warning, when its input scale is not this run's (the
+        batches differ), leaving the run fresh."""
+        saved, state = checkpoint.state, self.state
+        if saved.input_scale != self.scale:
+            logger.warning(
+                "not resuming: the checkpoint's input scale %r is not this run's %r (other "
+                "data?); starting fresh", saved.input_scale, self.scale,
+            )  # fmt: skip
+            return False
+        self.sae.load_state_dict(checkpoint.sae_state)
+        self.optimizer.load_state_dict(saved.optimizer)
+        state.load_state_dict(saved.loop)
+        state.steps, state.tokens, self.saved_step = saved.step, saved.tokens, saved.step
+        for step in range(saved.step):
+            state.recent_raw.append(_next_batch(batches, step, self.sae.d_in, self.device))
+        _set_rng_states(self.sae, saved.rng, self.device)  # after the replay, which may draw
+        state.start_clock(saved.seconds)
+        logger.info("resumed from the checkpoint at step %d of %d", saved.step, self.cfg.n_steps)
+        return True
 
 
 def train_sae(
@@ -313,6 +520,8 @@ def train_sae(
     cfg: TrainConfig,
     tracker: Tracker,
     device: torch.device,
+    checkpoint_dir: Path | None = None,
+    data_id: Any = None,
 ) -> dict[str, float]:
     """Train ``sae`` in place on raw activation batches ``[cfg.batch_size, d_in]``.
 
@@ -323,58 +532,55 @@ def train_sae(
     scale is folded into the weights, BatchTopK's (Sampled's) threshold is set, and the SAE is in
     eval mode and acts on raw activations.
 
+    Checkpoints (:mod:`saelab.checkpoint`), when ``checkpoint_dir`` is given: one every
+    ``cfg.checkpoint_every`` steps, and one when KeyboardInterrupt or SystemExit (SIGTERM in the
+    CLI) stops the loop, which is then re-raised; SIGINT / SIGTERM are held during a step, so
+    only states after a completed step are saved. A checkpoint found there at the start, whose
+    fingerprint matches (the SAE's shape and variant, ``cfg`` but for checkpoint_every,
+    log_every and device, the device type and ``data_id``, a JSON-serialisable identity of the
+    batches), is resumed: the run does the same scale estimate and b_dec init as a fresh one,
+    restores weights, Adam, the RNGs and the loop's book-keeping, skips the batches already
+    trained on (so ``batches`` must replay the same stream) and sets the tracker tag
+    ``resumed_from_step``; it ends with the weights of a run that never stopped. A checkpoint
+    that does not match, or cannot be read, is ignored with a warning. On completion the
+    checkpoint directory is removed.
+
     Returns:
         steps, tokens, input_scale, lr (peak), fvu / l0 / aux_loss / sparsity_loss (train, mean
-        of the final steps), dead_fraction, seconds, tokens_per_s, inference_l0_train /
-        inference_fvu_train (the returned SAE on the last training batches, raw units) and, for
-        BatchTopK and Sampled, threshold.
+        of the final steps), dead_fraction, seconds and tokens_per_s (training time of every
+        attempt, without the replay), inference_l0_train / inference_fvu_train (the returned
+        SAE on the last training batches, raw units) and, for BatchTopK and Sampled, threshold.
     """
+    run_fingerprint = fingerprint(sae, cfg, device, data_id)
+    checkpoint = None
+    if checkpoint_dir is not None:  # read before seeding: SparseAutoencoder.load draws an init
+        checkpoint = load_checkpoint(checkpoint_dir, run_fingerprint)
     torch.manual_seed(cfg.seed)
     sae.to(device).train()
     scale, it = _init_scale_and_b_dec(sae, iter(batches), cfg, device)
-    peak_lr = cfg.lr if cfg.lr is not None else auto_lr(sae.d_sae)
-    optimizer = torch.optim.Adam(
-        param_groups(sae), lr=peak_lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
-    )
-    n_steps = cfg.n_steps
-    threshold_start = n_steps - max(1, math.ceil(n_steps * cfg.threshold_fraction))
-    state = _LoopState(sae.d_sae, cfg.dead_tokens, device)
-    logger.info("training %s SAE: %d steps, input scale %.4g", sae.variant, n_steps, scale)
-    step_kwargs = {"k_aux": cfg.k_aux, "aux_coef": cfg.aux_coef, "grad_clip": cfg.grad_clip}
-    start, tokens = time.perf_counter(), 0
-    bar = tqdm(range(n_steps), desc=f"train {sae.variant}", unit="step")
-    for step in bar:
-        x_raw_BD = _next_batch(it, step, sae.d_in, device)
-        lr = lr_at(step, n_steps, peak_lr, cfg.warmup_steps, cfg.lr_decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        result = train_step(sae, optimizer, x_raw_BD * scale, state.dead(), **step_kwargs)
-        state.record(result, x_raw_BD)
-        tokens += x_raw_BD.shape[0]
-        min_kept = getattr(sae.activation, "last_min_kept", None)
-        if step >= threshold_start and min_kept is not None:
-            state.min_kept.append(float(min_kept))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
-            _log(tracker, bar, state, step + 1, lr, tokens / (time.perf_counter() - start))
-    seconds = time.perf_counter() - start
-    return _finish(sae, state, scale, peak_lr, n_steps, tokens, seconds)
+    run = _Run(sae, cfg, tracker, scale, device, checkpoint_dir, run_fingerprint)
+    if checkpoint is not None and run.resume(checkpoint, it):
+        tracker.set_tags({"resumed_from_step": str(run.state.steps)})
+    logger.info(
+        "training %s SAE: steps %d to %d, input scale %.4g",
+        sae.variant, run.state.steps + 1, cfg.n_steps, scale,
+    )  # fmt: skip
+    run.run(it)
+    if checkpoint_dir is not None:
+        remove_checkpoint(checkpoint_dir)
+    return _finish(sae, run.state, scale, run.peak_lr, cfg.n_steps)
 
 
 def _finish(
-    sae: SparseAutoencoder,
-    state: _LoopState,
-    scale: float,
-    peak_lr: float,
-    n_steps: int,
-    tokens: int,
-    seconds: float,
+    sae: SparseAutoencoder, state: _LoopState, scale: float, peak_lr: float, n_steps: int
 ) -> dict[str, float]:
     """Set the threshold, fold the input scale, measure the returned SAE; the run summary."""
     threshold = _set_threshold(sae, state.min_kept)
     sae.fold_input_scale_(scale)
+    seconds = state.seconds()
     summary = {
         "steps": float(n_steps),
-        "tokens": float(tokens),
+        "tokens": float(state.tokens),
         "input_scale": scale,
         "lr": peak_lr,
         **{
@@ -383,7 +589,7 @@ def _finish(
         },
         "dead_fraction": float(state.dead().float().mean()),
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
+        "tokens_per_s": state.tokens / seconds,
         **_inference_metrics(sae, state.recent_raw),
     }
     if threshold is not None:

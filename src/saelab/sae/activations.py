@@ -37,6 +37,8 @@ class SparsityActivation(nn.Module):
     - :meth:`hparams`: the constructor's keyword arguments, saved in ``cfg.json`` so that
       ``make_activation(variant, k, **hparams)`` rebuilds the same strategy on load.
     - ``lr_scale``: learning-rate multiplier for the strategy's own parameters (if any).
+    - :meth:`rng_state` / :meth:`set_rng_state`: the strategy's own RNG, for training
+      checkpoints (none by default).
     """
 
     variant: str = ""
@@ -68,6 +70,14 @@ class SparsityActivation(nn.Module):
     def hparams(self) -> dict[str, Any]:
         """Hyperparameters besides k, JSON-serialisable (``make_activation`` keywords)."""
         return {}
+
+    def rng_state(self) -> Tensor | None:
+        """State of the strategy's own RNG (a uint8 tensor, ``torch.Generator.get_state``), or
+        None when it has none (yet)."""
+        return None
+
+    def set_rng_state(self, state: Tensor | None) -> None:
+        """Restore a state returned by :meth:`rng_state`."""
 
 
 class TopK(SparsityActivation):
@@ -490,6 +500,18 @@ class Sampled(BatchTopK):
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
+
+    def rng_state(self) -> Tensor | None:
+        """The pool generator's state; None before its first draw."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor | None) -> None:
+        """Restore the pool generator (on the module's device) to ``state``; None: unseeded
+        until its first draw, as a new module."""
+        if state is None:
+            self._generator = None
+            return
+        self._generator_on(self.threshold.device).set_state(state)
 
     def _kept_indices(self, relu_BS: Tensor) -> Tensor:
         """BatchTopK's ``k * batch`` largest entries, taken among the pool's columns only."""
