@@ -85,3 +85,18 @@ def test_zero_replacement_recovers_none_of_the_loss(tiny_llama, contexts) -> Non
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert m["kl_div"] > 0
     assert m["ce_n_tokens"] == 6 * 23
+
+
+def test_expert_load_counts_routed_tokens():
+    """A router that sends tokens with x_0 > 0 to expert 1 and the rest to expert 0: with 3 of
+    4 tokens positive, loads are 3/4 and 0 (expert 2 unused) -> max 0.75, min 0, 1 unused."""
+    from saelab.evaluate import expert_load
+    from saelab.sae import SwitchSAE
+
+    sae = SwitchSAE(2, 6, 1, n_experts=3, balance_coef=1.0)
+    with torch.no_grad():
+        sae.b_router.zero_()
+        sae.W_router.copy_(torch.tensor([[-10.0, 10.0, -100.0], [0.0, 0.0, 0.0]]))
+    x = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [3.0, -1.0]])
+    loads = expert_load(sae, [x[:2], x[2:]])
+    assert loads == {"expert_load_max": 0.75, "expert_load_min": 0.0, "experts_unused": 1.0}

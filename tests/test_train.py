@@ -14,7 +14,7 @@ import torch
 import saelab.train
 from saelab.checkpoint import STATE_FILE, fingerprint, peek_checkpoint, save_checkpoint
 from saelab.config import TrainConfig
-from saelab.sae import SparseAutoencoder, SwitchSAE, make_activation
+from saelab.sae import SparseAutoencoder, SwitchSAE, build_sae, make_activation
 from saelab.train import (
     auto_lr,
     auxk_loss,
@@ -385,6 +385,7 @@ RESUME_HPARAMS = {
     "relu": HPARAMS["relu"],
     "jumprelu": HPARAMS["jumprelu"],
     "sampled": HPARAMS["sampled"],  # pool "sample", 64 of 96 latents: draws from its generator
+    "switch": {"n_experts": 4, "balance_coef": 3.0},  # the router's parameters in Adam's state
 }
 RESUME_STEPS = 30  # with make_cfg's scale_tokens 1024: 4 scale batches, then 30 steps
 
@@ -394,8 +395,8 @@ def _resume_cfg(**overrides) -> TrainConfig:
 
 
 def _resume_sae(variant: str, k: int = 4) -> SparseAutoencoder:
-    activation = make_activation(variant, k, **RESUME_HPARAMS[variant])
-    return SparseAutoencoder(32, 96, activation, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    return build_sae(variant, 32, 96, k, RESUME_HPARAMS[variant], generator)
 
 
 def _batches(seed: int = 1) -> list[torch.Tensor]:

@@ -19,6 +19,8 @@ Definitions (sums run over every evaluated token t, position 0 excluded when
 - ``ce_loss_recovered`` = (ce_zero_ablated − ce_spliced) / (ce_zero_ablated − ce_clean)
   (SAELens's zero-ablation variant); ``delta_ce`` = ce_spliced − ce_clean (the BatchTopK paper's
   "CE degradation"); ``kl_div`` = mean_t KL(p_clean ‖ p_spliced) in nats/token.
+- Switch SAEs: ``expert_load_max`` / ``expert_load_min`` (fractions of the eval tokens routed to
+  the busiest / idlest expert) and ``experts_unused``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 from saelab.capture import Replacement, hook_resid, splice_fn
 from saelab.config import ModelConfig, PipelineConfig
-from saelab.sae import load_sae
+from saelab.sae import SwitchSAE, load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
 
@@ -127,6 +129,24 @@ def downstream_metrics(
 
 
 @torch.no_grad()
+def expert_load(sae: SwitchSAE, batches: Iterable[Tensor]) -> dict[str, float]:
+    """Switch SAE routing balance over ``batches`` ([batch, d_in] float32 raw activations):
+    ``expert_load_max`` / ``expert_load_min``, the largest and smallest fraction of the tokens
+    routed to one expert (both 1 / n_experts when balanced), and ``experts_unused``, the number
+    of experts that received no token."""
+    counts = torch.zeros(sae.n_experts, dtype=torch.long)
+    for x in batches:
+        _, expert = sae.route(x)
+        counts += torch.bincount(expert, minlength=sae.n_experts).cpu()
+    fractions = counts.double() / counts.sum().clamp_min(1)
+    return {
+        "expert_load_max": fractions.max().item(),
+        "expert_load_min": fractions.min().item(),
+        "experts_unused": float((counts == 0).sum()),
+    }
+
+
+@torch.no_grad()
 def batch_mode_l0(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> float:
     """Mean L0 with the activation in training mode (for BatchTopK: batch-level top-k, so this is
     k by construction at the training batch size); restores eval mode afterwards."""
@@ -171,6 +191,8 @@ def run_evaluation(
     if isinstance(sae.activation, BatchTopK):  # batchtopk, sampled
         metrics["threshold"] = float(sae.activation.threshold)
         metrics["l0_batch_mode"] = batch_mode_l0(sae, batches(cfg.train.batch_size))
+    if isinstance(sae, SwitchSAE):
+        metrics.update(expert_load(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len)))
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device)
     contexts = torch.from_numpy(read_tokens(tokens, "eval")[: cfg.evaluate.n_ctx].astype("int64"))
