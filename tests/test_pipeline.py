@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("topk", "batchtopk")
+VARIANTS = ("topk", "batchtopk", "jumprelu", "relu", "sampled", "switch")  # params.yaml
 PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
 PROJECT_DIRS = ("stages", "src")
 METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "fvu", "l0")
