@@ -5,7 +5,14 @@ import torch
 
 from saelab.capture import load_model
 from saelab.config import ModelConfig
-from saelab.evaluate import batch_mode_l0, downstream_metrics, reconstruction_metrics
+from saelab.evaluate import (
+    accumulate,
+    batch_mode_l0,
+    density_histogram,
+    downstream_metrics,
+    l0_histogram,
+    reconstruction_metrics,
+)
 from saelab.sae import SparseAutoencoder, make_activation
 
 
@@ -30,6 +37,65 @@ def test_reconstruction_metrics_known_answer() -> None:
     assert m["l0"] == pytest.approx(1.5)
     assert m["dead_fraction"] == pytest.approx(0.5)
     assert m["n_tokens"] == 2
+
+
+def test_direction_norm_and_sparsity_metrics_known_answer() -> None:
+    """Same x as above. cos: token 1 x·x̂ = 1, ||x|| = √2, ||x̂|| = 1 -> 1/√2; token 2 exact -> 1.
+    l2_ratio = (1 + √10) / (√2 + √10). γ = Σ||x̂||² / Σ x·x̂ = (1 + 10) / (1 + 10) = 1.
+    explained_variance = 1 − fvu = 3/4. Per-token L0 [1, 2]: p10 = 1.1, p50 = 1.5, p90 = 1.9
+    (linear interpolation). Latent 0 fires on 2/2 tokens, latent 1 on 1/2: both > 10%, so
+    dense_fraction = 2/4."""
+    x = torch.tensor([[1.0, -1.0, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0]])
+    m = reconstruction_metrics(_identity_sae(4), [x])
+    assert m["cosine_sim"] == pytest.approx((2**-0.5 + 1) / 2)
+    assert m["l2_ratio"] == pytest.approx((1 + 10**0.5) / (2**0.5 + 10**0.5))
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.0)
+    assert m["explained_variance"] == pytest.approx(0.75)
+    assert (m["l0_p10"], m["l0_p50"], m["l0_p90"]) == pytest.approx((1.1, 1.5, 1.9))
+    assert m["dense_fraction"] == pytest.approx(0.5)
+
+
+def test_halved_reconstruction_has_bias_and_l2_ratio_one_half() -> None:
+    """recon = x/2 (W_dec = I/2, x > 0): cos 1, l2_ratio 1/2, γ = E||x/2||² / E[x·x/2] = 1/2,
+    nmse = E||x/2||² / E||x||² = 1/4."""
+    x = torch.rand(32, 4, generator=torch.Generator().manual_seed(3)) + 0.1
+    sae = _identity_sae(4)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
+    m = reconstruction_metrics(sae, [x[:10], x[10:]])
+    assert m["cosine_sim"] == pytest.approx(1.0)
+    assert m["l2_ratio"] == pytest.approx(0.5)
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5)
+    assert m["nmse"] == pytest.approx(0.25)
+
+
+def test_accumulated_mean_is_the_token_mean() -> None:
+    """The mean activation used for mean ablation is the mean over every token of every batch."""
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(4))
+    stats = accumulate(_identity_sae(4), [x[:7], x[7:]])
+    torch.testing.assert_close(stats.mean(), x.mean(0))
+
+
+def test_l0_histogram_bins_and_fractions() -> None:
+    """L0 [1, 2, 2, 5]: width-1 bins 0..5 hold fractions [0, 1/4, 1/2, 0, 0, 1/4]; with at most
+    2 bins, width ceil(6/2) = 3: [0,3) holds 3/4, [3,6) 1/4."""
+    l0 = torch.tensor([1, 2, 2, 5])
+    h = l0_histogram(l0)
+    assert h["l0_bin_width"] == 1
+    assert [r["tokens"] for r in h["l0_hist"]] == [0, 0.25, 0.5, 0, 0, 0.25]
+    h2 = l0_histogram(l0, max_bins=2)
+    assert h2["l0_bin_width"] == 3
+    assert h2["l0_hist"] == [{"l0": 0, "tokens": 0.75}, {"l0": 3, "tokens": 0.25}]
+
+
+def test_density_histogram_counts_live_latents_per_decade_bin() -> None:
+    """Firings [0, 1, 3, 50, 100] of N = 100: bins of 1/4 decade from log10(1/100) = -2 to 0.
+    ρ = 0.01 -> bin 0; 0.03 (log -1.52) -> bin 1; 0.5 (log -0.30) -> bin 6; 1.0 (log 0) -> the
+    last bin 7; the latent that never fired is a dead latent, in no bin."""
+    h = density_histogram(torch.tensor([0, 1, 3, 50, 100]), 100)
+    assert h["dead_latents"] == 1
+    assert [r["latents"] for r in h["density_hist"]] == [1, 1, 0, 0, 0, 0, 1, 1]
+    assert h["density_hist"][0]["log10_density"] == pytest.approx(-1.875)
 
 
 def test_fvu_is_one_for_the_mean_and_zero_for_perfect_recon() -> None:
@@ -100,3 +166,18 @@ def test_expert_load_counts_routed_tokens():
     x = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [3.0, -1.0]])
     loads = expert_load(sae, [x[:2], x[2:]])
     assert loads == {"expert_load_max": 0.75, "expert_load_min": 0.0, "experts_unused": 1.0}
+
+
+def test_mean_replacement_is_the_mean_ablation(tiny_llama, contexts) -> None:
+    """replace = the mean activation is the mean ablation itself: CE loss recovered against it
+    is 0; an identity replacement recovers 1 against both ablations."""
+    cfg, model = tiny_llama
+    mean = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    m = downstream_metrics(
+        model, cfg, lambda x: mean.expand_as(x), contexts, 4, True, mean_act=mean
+    )
+    assert m["ce_spliced"] == pytest.approx(m["ce_mean_ablated"])
+    assert m["ce_loss_recovered_mean"] == pytest.approx(0.0, abs=1e-9)
+    ident = downstream_metrics(model, cfg, lambda x: x, contexts, 4, True, mean_act=mean)
+    assert ident["ce_loss_recovered_mean"] == pytest.approx(1.0)
+    assert ident["ce_loss_recovered"] == pytest.approx(1.0)

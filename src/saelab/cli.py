@@ -199,10 +199,20 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
 @click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
+@click.option(
+    "--hist", default=None, type=click.Path(dir_okay=False),
+    help="histograms JSON (per-token L0, feature density); default: none written",
+)  # fmt: skip
 def evaluate(
-    params_path: str, variant: str, tokens: str, activations: str, sae_dir: str, out: str
+    params_path: str,
+    variant: str,
+    tokens: str,
+    activations: str,
+    sae_dir: str,
+    out: str,
+    hist: str | None,
 ) -> None:
-    """Reconstruction metrics on the eval activations and spliced CE/KL on eval contexts."""
+    """Reconstruction and sparsity on the eval activations, spliced CE/KL on eval contexts."""
     from saelab.evaluate import run_evaluation
     from saelab.tracking import mlflow_run, run_tags, tracking_uri, write_json_atomic
 
@@ -214,9 +224,11 @@ def evaluate(
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
     with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant), run_id) as tracker:
-        metrics = run_evaluation(cfg, Path(sae_dir), Path(tokens), Path(activations))
+        metrics, histograms = run_evaluation(cfg, Path(sae_dir), Path(tokens), Path(activations))
         metrics.update({f"train_{k}": v for k, v in metadata["train_summary"].items()})
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        if hist is not None:
+            write_json_atomic(hist, {"variant": variant, "k": cfg.k, **histograms})
         write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
 
