@@ -233,6 +233,25 @@ def evaluate(
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
 
 
+@cli.command("export")
+@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="export directory")
+@click.option(
+    "--model-name", default=None,
+    help="model name for SAELens's metadata (default: the model recorded with the SAE)",
+)  # fmt: skip
+def export_cmd(sae_dir: str, out: str, model_name: str | None) -> None:
+    """Write the SAE of --sae in SAELens's format (cfg.json + sae_weights.safetensors)."""
+    from saelab.export import ExportError, export_dir
+    from saelab.store import atomic_dir
+
+    try:
+        with atomic_dir(out) as tmp:
+            export_dir(sae_dir, tmp, model_name)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     # SystemExit unwinds the stack, so temp outputs (atomic_dir, ActivationWriter) are removed.
     sys.exit(128 + signum)
