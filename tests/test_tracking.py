@@ -145,3 +145,77 @@ def test_reopened_run_keeps_logged_params_and_takes_tags(tmp_path: Path, caplog)
     assert run.data.params == {"k": "8", "evaluate.n_ctx": "64", "train.checkpoint_every": "56"}
     assert run.data.tags["resumed_from_step"] == "10"
     assert "keeps its logged values of ['evaluate.n_ctx']" in caplog.text
+
+
+def test_params_hash_is_stable_and_order_free() -> None:
+    """The same params in any key order hash alike; one changed value changes the hash."""
+    from saelab.tracking import params_hash
+
+    a = params_hash({"k": 8, "train": {"lr": None, "seed": 0}})
+    assert a == params_hash({"train": {"seed": 0, "lr": None}, "k": 8})
+    assert a != params_hash({"k": 16, "train": {"lr": None, "seed": 0}})
+    assert len(a) == 12
+
+
+def test_artifacts_go_next_to_the_sqlite_store(tmp_path: Path) -> None:
+    """An experiment created for sqlite:///<dir>/mlflow.db stores artifacts in <dir>/mlartifacts
+    (not ./mlruns of the working directory); logged files land there."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "cfg.json").write_text("{}")
+    with mlflow_run("exp", uri, "topk", {}) as tracker:
+        tracker.log_artifacts(tmp_path / "model", "models/topk")
+        run_id = tracker.run_id
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("exp")
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert list((tmp_path / "mlartifacts").rglob("models/topk/cfg.json"))
+    assert run_id in str(next((tmp_path / "mlartifacts").rglob("cfg.json")))
+
+
+def test_pipeline_parent_is_got_or_created_per_params_and_exp(
+    tmp_path: Path, no_tracking_env
+) -> None:
+    """The first call creates a parent run tagged saelab.role=pipeline and the params hash; a
+    second call with the same hash (another stage of the same pipeline run) finds it; another
+    hash or another DVC experiment name gets its own parent."""
+    from mlflow import MlflowClient
+
+    from saelab.tracking import pipeline_run_id
+
+    no_tracking_env.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = pipeline_run_id("exp", uri, "abc123")
+    assert pipeline_run_id("exp", uri, "abc123") == first
+    assert pipeline_run_id("exp", uri, "def456") != first
+    no_tracking_env.setenv("DVC_EXP_NAME", "comic-gram")
+    other = pipeline_run_id("exp", uri, "abc123")
+    assert other != first and pipeline_run_id("exp", uri, "abc123") == other
+    tags = MlflowClient(tracking_uri=uri).get_run(other).data.tags
+    assert tags["saelab.role"] == "pipeline" and tags["saelab.params_hash"] == "abc123"
+    assert tags["dvc_exp_name"] == "comic-gram"
+
+
+def test_pipeline_parent_race_keeps_the_oldest(tmp_path: Path, no_tracking_env) -> None:
+    """When another process created a parent with the same tags first (simulated: an older run
+    already carries them but was not found by this caller's first search), the oldest one is
+    returned and no duplicate remains active."""
+    from mlflow import MlflowClient
+
+    import saelab.tracking as tracking
+
+    no_tracking_env.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    winner = tracking.pipeline_run_id("exp", uri, "abc123")
+    real_find, calls = tracking._find_parents, []
+
+    def miss_first(*args):
+        calls.append(1)
+        return [] if len(calls) == 1 else real_find(*args)
+
+    no_tracking_env.setattr(tracking, "_find_parents", miss_first)
+    assert tracking.pipeline_run_id("exp", uri, "abc123") == winner
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.get_experiment_by_name("exp").experiment_id
+    assert [r.info.run_id for r in client.search_runs([exp_id])] == [winner]

@@ -4,11 +4,22 @@ The MLflow store defaults to ``sqlite:///<repo root>/mlflow.db``. The repo root 
 (set by DVC for stage commands), except that a queued/temporary ``dvc exp run`` executes in a
 throw-away copy under ``<repo>/.dvc/tmp/exps/``: runs logged there would be deleted with it, so
 the root is taken above that ``.dvc`` folder. ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``
-in params override the default.
+in params override the default. Artifacts of an experiment created here go to
+``<directory of mlflow.db>/mlartifacts`` (git-ignored), not MLflow's default ``./mlruns``
+relative to the working directory, which under a temporary ``dvc exp run`` copy would be deleted
+with it.
+
+One pipeline run = one MLflow parent run with a nested run per variant (tag
+``mlflow.parentRunId``). Stages run as separate processes, so the parent is found by its tags:
+``saelab.role=pipeline``, the git commit, the DVC experiment name and ``saelab.params_hash``
+(a hash of every parameter). Whichever stage comes first creates it (:func:`pipeline_run_id`);
+when two processes race, both search again after creating and keep the oldest run, deleting the
+other, which is as race-free as MLflow's SQLite store allows (DVC runs stages one at a time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +43,8 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None: ...
+
 
 class NullTracker:
     """Logs nothing: lets the loop run without asking whether logging is on."""
@@ -45,6 +58,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         pass
 
 
@@ -84,6 +100,10 @@ class MlflowTracker:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Copy the files of ``local_dir`` into the run's artifacts (under ``artifact_path``)."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
 
 def repo_root() -> Path:
     """The project root that outlives ``dvc exp`` temp copies (see the module docstring)."""
@@ -120,6 +140,63 @@ def run_tags(variant: str) -> dict[str, str]:
     return tags
 
 
+def params_hash(params: Mapping[str, Any]) -> str:
+    """First 12 hex digits of the SHA-256 of ``params`` as canonical JSON (sorted keys)."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def artifact_location(uri: str) -> str | None:
+    """``<directory of the sqlite file>/mlartifacts`` for a ``sqlite:///`` URI, else None (the
+    server's default)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts: :func:`artifact_location`) if new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def pipeline_tags(params_digest: str) -> dict[str, str]:
+    """The tags that identify one pipeline run's parent (module docstring)."""
+    tags = {k: v for k, v in run_tags("").items() if k != "variant"}
+    return {**tags, "saelab.role": "pipeline", "saelab.params_hash": params_digest}
+
+
+def _find_parents(client: Any, exp_id: str, tags: Mapping[str, str]) -> list:
+    """Runs of ``exp_id`` carrying every tag of ``tags``, oldest first."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if v]  # empty: checked below
+    runs = client.search_runs(
+        [exp_id], " and ".join(clauses), order_by=["attributes.start_time ASC"]
+    )
+    return [r for r in runs if all(r.data.tags.get(k, "") == v for k, v in tags.items())]
+
+
+def pipeline_run_id(experiment: str, uri: str, params_digest: str) -> str:
+    """The parent run of this pipeline run: found by :func:`pipeline_tags`, created if none
+    (module docstring: get-or-create, the oldest wins a race)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = experiment_id(client, experiment, uri)
+    tags = pipeline_tags(params_digest)
+    found = _find_parents(client, exp_id, tags)
+    if found:
+        return found[0].info.run_id
+    name = f"pipeline {tags.get('dvc_exp_name') or 'workspace'} {params_digest}"
+    created = client.create_run(exp_id, run_name=name, tags={k: v for k, v in tags.items() if v})
+    oldest = _find_parents(client, exp_id, tags)[0].info.run_id
+    if oldest != created.info.run_id:  # another stage created one meanwhile
+        client.delete_run(created.info.run_id)
+    return oldest
+
+
 @contextmanager
 def mlflow_run(
     experiment: str, uri: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None
@@ -139,8 +216,7 @@ def mlflow_run(
         except MlflowException:
             log.info("MLflow run %s is not in %s; starting a new run", run_id, uri)
     if run is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = experiment_id(client, experiment, uri)
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     else:
         client.update_run(run.info.run_id, status="RUNNING")
@@ -165,8 +241,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as indented JSON via a temp file + rename: never a half-written file."""
+def write_json_atomic(path: str | Path, data: Mapping[str, Any] | list) -> None:
+    """Write ``data`` (a mapping, or a list of rows for DVC plots) as indented JSON via a temp
+    file + rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
