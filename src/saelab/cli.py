@@ -132,7 +132,7 @@ def train(
     from saelab.checkpoint import fingerprint, peek_checkpoint
     from saelab.sae import build_sae
     from saelab.store import ActivationStore, atomic_dir
-    from saelab.tracking import flatten, mlflow_run, run_tags, tracking_uri
+    from saelab.tracking import flatten, mlflow_run, tracking_uri
     from saelab.train import train_sae
 
     cfg = load_params(params_path)
@@ -149,7 +149,8 @@ def train(
     if checkpoints is not None:
         run_id = peek_checkpoint(checkpoints, fingerprint(sae, cfg.train, device, data_id))
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant), run_id) as tracker:
+    tags = _nested_run_tags(cfg, uri, variant)
+    with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
         summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id)
         tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
@@ -157,6 +158,17 @@ def train(
         metadata["max_norm"] = max_norm
         with atomic_dir(out) as tmp:
             sae.cpu().save(tmp, metadata)
+        tracker.log_artifacts(out, f"models/{variant}")
+
+
+def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:
+    """Tags of a variant's MLflow run: :func:`~saelab.tracking.run_tags`, the params hash and
+    ``mlflow.parentRunId``, the pipeline run's parent (got or created)."""
+    from saelab.tracking import params_hash, pipeline_run_id, run_tags
+
+    digest = params_hash(dataclasses.asdict(cfg))
+    parent = pipeline_run_id(cfg.tracking.experiment, uri, digest)
+    return {**run_tags(variant), "saelab.params_hash": digest, "mlflow.parentRunId": parent}
 
 
 def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
@@ -214,7 +226,7 @@ def evaluate(
 ) -> None:
     """Reconstruction and sparsity on the eval activations, spliced CE/KL on eval contexts."""
     from saelab.evaluate import run_evaluation
-    from saelab.tracking import mlflow_run, run_tags, tracking_uri, write_json_atomic
+    from saelab.tracking import mlflow_run, tracking_uri, write_json_atomic
 
     cfg = load_params(params_path)
     sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
@@ -223,7 +235,8 @@ def evaluate(
     metadata = sae_cfg["metadata"]
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
-    with mlflow_run(cfg.tracking.experiment, uri, variant, run_tags(variant), run_id) as tracker:
+    tags = _nested_run_tags(cfg, uri, variant)  # used when run_id is not in the store
+    with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         metrics, histograms = run_evaluation(cfg, Path(sae_dir), Path(tokens), Path(activations))
         metrics.update({f"train_{k}": v for k, v in metadata["train_summary"].items()})
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
@@ -231,6 +244,69 @@ def evaluate(
             write_json_atomic(hist, {"variant": variant, "k": cfg.k, **histograms})
         write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
+
+
+@cli.command()
+@PARAMS
+@click.option(
+    "--metrics",
+    "metrics_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="directory of the evaluate stage's <variant>.json",
+)
+@click.option(
+    "--hist",
+    "hist_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="directory of the evaluate stage's <variant>.json histograms",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="summary JSON")
+@click.option(
+    "--plots",
+    "plots_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="directory for the plot data (pareto, l0_hist, density_hist) and png/",
+)
+def summarize(params_path: str, metrics_dir: str, hist_dir: str, out: str, plots_dir: str) -> None:
+    """Compare the variants of params' ``variants``: summary JSON, DVC plot data, PNG plots;
+    all logged to the pipeline's MLflow parent run, which this finishes."""
+    from saelab.store import atomic_dir
+    from saelab.summarize import PLOT_FILES, comparison, render_pngs
+    from saelab.tracking import (
+        flatten,
+        mlflow_run,
+        params_hash,
+        pipeline_run_id,
+        tracking_uri,
+        write_json_atomic,
+    )
+
+    cfg = load_params(params_path)
+    data = comparison(_per_variant(metrics_dir, cfg.variants), _per_variant(hist_dir, cfg.variants))
+    for name in PLOT_FILES:
+        write_json_atomic(Path(plots_dir) / name, data[name])
+    with atomic_dir(Path(plots_dir) / "png") as tmp:
+        render_pngs(data, tmp)
+    write_json_atomic(out, data["summary"])
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    digest = params_hash(dataclasses.asdict(cfg))
+    parent = pipeline_run_id(cfg.tracking.experiment, uri, digest)
+    with mlflow_run(cfg.tracking.experiment, uri, "pipeline", {}, parent) as tracker:
+        tracker.log_params(flatten(dataclasses.asdict(cfg)))
+        tracker.log_metrics(
+            {f"{v}/{k}": x for v, row in data["summary"].items() for k, x in row.items()}
+        )
+        tracker.log_artifacts(Path(plots_dir) / "png", "plots")
+        tracker.log_artifacts(Path(out).parent, "metrics")
+    log.info("summary of %s written to %s", ", ".join(cfg.variants), out)
+
+
+def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:
+    """The JSON files ``<directory>/<variant>.json`` of ``variants``, in that order."""
+    return [json.loads((Path(directory) / f"{v}.json").read_text()) for v in variants]
 
 
 @cli.command("export")

@@ -1,0 +1,98 @@
+"""The comparison across variants: one summary row per variant, the data of the DVC plots, and
+the same plots as PNG images for MLflow.
+
+Inputs are the evaluate stage's outputs: ``metrics/<variant>.json`` (flat metrics, defined in
+:mod:`saelab.evaluate`) and ``plots/hist/<variant>.json`` (histograms). Outputs:
+
+- ``metrics/summary.json``: ``{variant: {key: value}}`` with :data:`SUMMARY_KEYS` (a mapping so
+  that ``dvc metrics show/diff`` lists e.g. ``topk.fvu``);
+- ``plots/pareto.json``: one row per variant (the keys every variant has), for the Pareto
+  plots L0 vs FVU and L0 vs ΔCE (``dvc plots`` adds the revision, so ``dvc plots diff`` across
+  ``dvc exp`` runs shows one point per variant and revision);
+- ``plots/l0_hist.json`` (rows ``variant, l0, tokens``) and ``plots/density_hist.json`` (rows
+  ``variant, log10_density, latents``): the histograms of every variant in one table;
+- ``plots/png/*.png``: the four plots rendered with matplotlib (logged to MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = (
+    "k", "l0", "l0_batch_mode", "fvu", "nmse", "explained_variance", "cosine_sim", "l2_ratio",
+    "relative_reconstruction_bias", "dead_fraction", "dense_fraction", "ce_clean", "ce_spliced",
+    "delta_ce", "ce_loss_recovered", "ce_loss_recovered_mean", "kl_div", "train_tokens_per_s",
+)  # fmt: skip
+PLOT_FILES = ("pareto.json", "l0_hist.json", "density_hist.json")
+
+
+def summary_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SUMMARY_KEYS` present in one variant's metrics (``l0_batch_mode`` exists for
+    BatchTopK and Sampled only), with ``variant``."""
+    return {"variant": metrics["variant"], **{k: metrics[k] for k in SUMMARY_KEYS if k in metrics}}
+
+
+def _tagged(variant: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"variant": variant, **row} for row in rows]
+
+
+def _common_keys(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` restricted to the keys every row has (DVC's plot rendering fails on a table
+    whose rows have different fields, e.g. ``l0_batch_mode`` for some variants only)."""
+    common = set.intersection(*(set(r) for r in rows)) if rows else set()
+    return [{k: v for k, v in r.items() if k in common} for r in rows]
+
+
+def comparison(
+    metrics: Sequence[Mapping[str, Any]], hists: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``summary`` ({variant: row}) and the rows of each plot file (module docstring) from the
+    per-variant metrics and histograms (same variants, any order)."""
+    rows = [summary_row(m) for m in metrics]
+    return {
+        "summary": {
+            row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in rows
+        },
+        "pareto.json": _common_keys(rows),
+        "l0_hist.json": [r for h in hists for r in _tagged(h["variant"], h["l0_hist"])],
+        "density_hist.json": [r for h in hists for r in _tagged(h["variant"], h["density_hist"])],
+    }
+
+
+def render_pngs(data: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Draw the Pareto fronts (L0 vs FVU, L0 vs ΔCE) and both histograms of ``comparison``'s
+    ``data`` into ``out_dir`` as PNG files (matplotlib, Agg backend); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [
+        ("pareto_l0_fvu.png", "pareto.json", "l0", "fvu", "scatter"),
+        ("pareto_l0_delta_ce.png", "pareto.json", "l0", "delta_ce", "scatter"),
+        ("l0_hist.png", "l0_hist.json", "l0", "tokens", "step"),
+        ("density_hist.png", "density_hist.json", "log10_density", "latents", "step"),
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, source, x, y, kind in specs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in dict.fromkeys(r["variant"] for r in data[source]):
+            rows = [r for r in data[source] if r["variant"] == variant]
+            xs, ys = [r[x] for r in rows], [r[y] for r in rows]
+            if kind == "scatter":
+                ax.scatter(xs, ys, label=variant)
+            else:
+                ax.step(xs, ys, where="mid", label=variant)
+        ax.set(xlabel=x, ylabel=y, title=name.removesuffix(".png"))
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
