@@ -59,9 +59,9 @@ def llama_run(tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_pa
     directory holds params.yaml, data/, models/, metrics/ and mlflow.db as DVC would lay them."""
     root = tmp_path_factory.mktemp("cli-llama")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    params = write_params(
-        root / "params.yaml", make_tiny_params(tiny_llama_dir, tiny_corpus_module, uri)
-    )
+    tiny = make_tiny_params(tiny_llama_dir, tiny_corpus_module, uri)
+    tiny["variants"] = list(VARIANTS)
+    params = write_params(root / "params.yaml", tiny)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
@@ -77,9 +77,16 @@ def llama_run(tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_pa
             run_cli(
                 "evaluate", "--params", params, "--variant", v, "--tokens", "data/tokens",
                 "--activations", "data/activations", "--sae", f"models/{v}",
-                "--out", f"metrics/{v}.json",
+                "--out", f"metrics/{v}.json", "--hist", f"plots/hist/{v}.json",
             )  # fmt: skip
+        run_cli("summarize", "--params", params, "--metrics", "metrics", "--hist", "plots/hist",
+                "--out", "metrics/summary.json", "--plots", "plots")  # fmt: skip
     return root
+
+
+def _variant_runs(client, experiment_id: str) -> list:
+    """The per-variant MLflow runs of an experiment (not the pipeline parent runs)."""
+    return [r for r in client.search_runs([experiment_id]) if "variant" in r.data.tags]
 
 
 def _params(root: Path) -> dict:
@@ -209,8 +216,10 @@ def test_mlflow_has_one_run_per_variant(llama_run: Path) -> None:
     params = _params(llama_run)
     client = MlflowClient(tracking_uri=params["tracking"]["tracking_uri"])
     experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
-    runs = client.search_runs([experiment.experiment_id])
+    runs = _variant_runs(client, experiment.experiment_id)
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(VARIANTS)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1  # one parent: the pipeline run
     n_steps = params["train"]["n_tokens"] // params["train"]["batch_size"]
     log_every = params["train"]["log_every"]
     for run in runs:
@@ -224,6 +233,36 @@ def test_mlflow_has_one_run_per_variant(llama_run: Path) -> None:
         metrics = json.loads((llama_run / "metrics" / f"{variant}.json").read_text())
         for key in ("fvu", "l0", "ce_spliced", "ce_loss_recovered"):
             assert run.data.metrics[f"eval/{key}"] == pytest.approx(metrics[key])
+
+
+def test_summarize_writes_summary_plots_and_finishes_the_parent_run(llama_run: Path) -> None:
+    """summarize writes one summary row per variant equal to its metrics, the plot tables (one
+    Pareto row per variant), four PNGs, and logs them to the FINISHED pipeline parent run,
+    whose nested runs hold the SAE directory as an artifact."""
+    from mlflow import MlflowClient
+
+    summary = json.loads((llama_run / "metrics" / "summary.json").read_text())
+    assert sorted(summary) == sorted(VARIANTS)
+    for v in VARIANTS:
+        metrics = json.loads((llama_run / "metrics" / f"{v}.json").read_text())
+        assert summary[v]["fvu"] == metrics["fvu"] and summary[v]["kl_div"] == metrics["kl_div"]
+    pareto = json.loads((llama_run / "plots" / "pareto.json").read_text())
+    assert sorted(r["variant"] for r in pareto) == sorted(VARIANTS)
+    assert len(list((llama_run / "plots" / "png").glob("*.png"))) == 4
+    params = _params(llama_run)
+    client = MlflowClient(tracking_uri=params["tracking"]["tracking_uri"])
+    runs = _variant_runs(client, client.get_experiment_by_name("saelab").experiment_id)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["saelab.role"] == "pipeline"
+    assert parent.data.metrics["topk/fvu"] == pytest.approx(summary["topk"]["fvu"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/pareto_l0_fvu.png" in artifacts
+    for run in runs:
+        names = {
+            a.path
+            for a in client.list_artifacts(run.info.run_id, "models/" + run.data.tags["variant"])
+        }
+        assert any(n.endswith("sae.safetensors") for n in names)
 
 
 def test_train_stopped_by_sigterm_resumes_from_its_checkpoints(
@@ -270,7 +309,7 @@ def test_train_stopped_by_sigterm_resumes_from_its_checkpoints(
     for name, tensor in SparseAutoencoder.load(llama_run / "models" / "topk").state_dict().items():
         assert torch.equal(tensor, resumed[name]), name
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("saelab").experiment_id])
+    (run,) = _variant_runs(client, client.get_experiment_by_name("saelab").experiment_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "10"
     assert run.data.params["evaluate.n_ctx"] == str(n_ctx)
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())

@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("topk", "batchtopk", "jumprelu", "relu", "sampled", "switch")  # params.yaml
 PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
-PROJECT_DIRS = ("stages", "src")
+PROJECT_DIRS = ("stages", "src", "plots/templates")
 METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "fvu", "l0")
 
 
@@ -92,7 +92,8 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
     """`dvc repro` on a fresh clone writes finite metrics for every variant, which `dvc metrics
     show` lists; `dvc exp run -S k=4` re-trains with k=4 (recorded by `dvc exp show`, the
     metrics JSON and MLflow); every run logs to <repo root>/mlflow.db by default (2 variants x
-    2 pipeline runs), the experiment's runs tagged with its name; the pipeline ends up to date."""
+    2 pipeline runs, each under its parent run, artifacts in <repo root>/mlartifacts), the
+    experiment's runs tagged with its name; the pipeline ends up to date."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_project(repo)
@@ -134,7 +135,15 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
     assert db.is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
-    runs = client.search_runs([experiment.experiment_id])
+    all_runs = client.search_runs([experiment.experiment_id])
+    runs = [r for r in all_runs if "variant" in r.data.tags]
+    parents = {r.info.run_id: r for r in all_runs if r.data.tags.get("saelab.role") == "pipeline"}
+    assert len(parents) == 2  # one per pipeline run, each with a nested run per variant
+    for run in runs:
+        parent = parents[run.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags.get("dvc_exp_name", "") == run.data.tags["dvc_exp_name"]
+        assert parent.info.status == "FINISHED"
+    assert list((repo / "mlartifacts").rglob("sae.safetensors"))
     assert sorted((r.data.params["k"], r.data.tags["variant"]) for r in runs) == sorted(
         (k, v) for k in ("4", str(params["k"])) for v in VARIANTS
     )
