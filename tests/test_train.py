@@ -472,6 +472,16 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(tmp_path: Path):
     _assert_same_weights(straight, resumed)
 
 
+@pytest.fixture
+def sigint_raises_keyboard_interrupt():
+    """Python's own SIGINT handler for the test: a runner started as a background job (e.g.
+    ``cmd &`` in a script) inherits SIGINT ignored, and an ignored signal never interrupts."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_raises_keyboard_interrupt")
 def test_an_interrupt_signal_inside_a_step_takes_effect_after_it(tmp_path, monkeypatch):
     """SIGINT arriving in the middle of step 13 (after Adam's update, before the book-keeping)
     is held until the step is complete: the checkpoint is the state after 13 steps, never a
