@@ -526,9 +526,8 @@ class Sampled(BatchTopK):
 
     def _batch_threshold(self, relu_BS: Tensor, values_K: Tensor) -> Tensor:
         """The ``(k * batch)``-th largest entry of ``relu_BS`` over all features (class
-        docstring); no second selection when the pool held every firing feature."""
-        if self.k * self.l >= int((relu_BS > 0).any(dim=0).sum()):
-            return _min_positive(values_K)
+        docstring). When the pool held every firing feature this is ``values_K``'s minimum; the
+        selection is redone anyway rather than re-scanning the batch to detect that rare case."""
         kept_K = _batch_topk_indices(relu_BS, self.k * relu_BS.shape[0])
         return _min_positive(relu_BS.flatten()[kept_K])
 
