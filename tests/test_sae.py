@@ -84,6 +84,18 @@ def test_batchtopk_selection_equals_full_topk(shift: float):
     assert torch.equal(fast, full)
 
 
+def test_batchtopk_selection_with_one_token_holding_most_of_the_batch():
+    """A token with far more than 4x its share of the kept entries (its candidates are all
+    kept) makes the per-token candidates insufficient: the result is still the exact set."""
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(256, 512, generator=gen)
+    pre[7] += 10.0  # token 7 alone outranks everything else: 512 kept entries in one row
+    n_keep = 4 * 256
+    kept = _batch_topk_indices(pre, n_keep)
+    assert torch.equal(pre.flatten()[kept].sort().values, pre.flatten().topk(n_keep).values.sort().values)
+    assert int((kept // 512 == 7).sum()) == 512
+
+
 def test_batchtopk_gradient_reaches_only_kept_entries():
     """d(sum acts)/d(pre) is 1 on kept entries and 0 elsewhere."""
     pre = torch.tensor([[5.0, 4.0, 3.0, -1.0], [0.5, -2.0, 1.0, -3.0]], requires_grad=True)

@@ -26,6 +26,7 @@ SAMPLED_POOLS = ("top", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
 DEVICES = ("auto", "cpu", "cuda")
+AUTOCAST = ("auto", "float32", "bfloat16")
 HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
 
 
@@ -186,6 +187,10 @@ class TrainConfig:
         resumes where it stopped and ends with the same weights as an uninterrupted one; it is
         also written when the run is interrupted (Ctrl-C, SIGTERM), and removed when the run
         completes (see :func:`saelab.train.train_sae` and :mod:`saelab.checkpoint`).
+    autocast: precision of the SAE's matmuls in training: ``float32``, ``bfloat16``
+        (``torch.autocast``: weights, Adam state and losses stay float32) or ``auto``: bfloat16
+        on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), float32 elsewhere (an
+        AVX2-only CPU runs a bf16 GEMM ~7x slower than fp32; ``docs/performance.md``).
     """
 
     n_tokens: int
@@ -206,6 +211,7 @@ class TrainConfig:
     checkpoint_every: int
     seed: int
     device: str
+    autocast: str
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "train.batch_size", "an integer > 0")
@@ -225,6 +231,7 @@ class TrainConfig:
         _require(self.log_every > 0, "train.log_every", "an integer > 0")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: never)")
         _require(self.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}")
+        _require(self.autocast in AUTOCAST, "train.autocast", f"one of {', '.join(AUTOCAST)}")
 
     @property
     def n_steps(self) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 # Rows of the batch used to find a lower bound for BatchTopK's batch threshold (see
-# :func:`_batch_topk_indices`); a speed knob only, the selection is exact whatever it is.
+# :func:`_batch_topk_indices_bounded`); a speed knob only, the selection is exact whatever it is.
 _SAMPLE_ROWS = 128
 
 
@@ -28,6 +28,10 @@ class SparsityActivation(nn.Module):
     stored in ``cfg.json``) and expose ``k``, the target mean number of active latents per token.
     The hooks below have neutral defaults, so a strategy overrides only what it needs:
 
+    - ``sparse_training``: the strategy implements :meth:`select` and has no sparsity loss, so
+      the trainer can use the sparse path of :mod:`saelab.sae.sparse` (top-k families).
+    - ``autocast_safe``: whether training keeps its metrics with bf16 pre-activations
+      (``train.autocast``); false makes the trainer run the strategy in float32.
     - ``uses_auxk``: whether the trainer adds the AuxK loss on dead latents (Gao et al. 2024,
       appendix A.2); true for the top-k families, whose dead latents get no other gradient.
     - :meth:`bind`: called once by the SAE with its width, to create per-latent state.
@@ -43,6 +47,8 @@ class SparsityActivation(nn.Module):
 
     variant: str = ""
     uses_auxk: bool = False
+    sparse_training: bool = False
+    autocast_safe: bool = True
     lr_scale: float = 1.0
     k: int
 
@@ -71,6 +77,15 @@ class SparsityActivation(nn.Module):
         """Hyperparameters besides k, JSON-serialisable (``make_activation`` keywords)."""
         return {}
 
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """The entries training mode keeps, for the sparse training path
+        (:mod:`saelab.sae.sparse`): ``(rows, cols)``, [nnz] int64 each, rows non-decreasing, such
+        that ``forward(pre_acts)`` is ``relu(pre_acts)`` at those entries and 0 elsewhere. Called
+        without autograd on ``pre_acts [batch, d_sae]``; may update state as ``forward`` does
+        (BatchTopK's ``last_min_kept``). Only strategies with ``sparse_training`` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
+
     def rng_state(self) -> Tensor | None:
         """State of the strategy's own RNG (a uint8 tensor, ``torch.Generator.get_state``), or
         None when it has none (yet)."""
@@ -89,6 +104,7 @@ class TopK(SparsityActivation):
 
     variant = "topk"
     uses_auxk = True
+    sparse_training = True
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -103,6 +119,14 @@ class TopK(SparsityActivation):
         # the k kept values only is cheaper than on the whole [batch, d_sae] tensor.
         values_BK, indices_BK = pre_acts.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(pre_acts).scatter_(-1, indices_BK, values_BK.relu())
+
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) [batch * k] int64 of each token's k largest pre-activations."""
+        batch, d_sae = pre_acts.shape
+        k = min(self.k, d_sae)
+        cols_BK = pre_acts.topk(k, dim=-1, sorted=False).indices
+        rows = torch.arange(batch, device=pre_acts.device).repeat_interleave(k)
+        return rows, cols_BK.flatten()
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
@@ -124,6 +148,7 @@ class BatchTopK(SparsityActivation):
 
     variant = "batchtopk"
     uses_auxk = True
+    sparse_training = True
     threshold: Tensor
 
     def __init__(self, k: int) -> None:
@@ -138,23 +163,31 @@ class BatchTopK(SparsityActivation):
         """pre_acts [batch, d_sae] -> acts [batch, d_sae] (see the class docstring)."""
         if not self.training:
             return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
-        relu_N = pre_acts.relu().flatten()  # N = batch * d_sae
         with torch.no_grad():
-            kept_K = self._kept_indices(relu_N.view(pre_acts.shape))
-        values_K = relu_N.gather(0, kept_K)
+            kept_K = self._kept_indices(pre_acts.detach())
+        values_K = pre_acts.flatten().gather(0, kept_K).relu()
         with torch.no_grad():
-            self.last_min_kept = self._batch_threshold(relu_N.view(pre_acts.shape), values_K)
-        return torch.zeros_like(relu_N).scatter_(0, kept_K, values_K).view(pre_acts.shape)
+            self.last_min_kept = self._batch_threshold(pre_acts, values_K)
+        return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_K, values_K).view_as(pre_acts)
 
-    def _batch_threshold(self, relu_BS: Tensor, values_K: Tensor) -> Tensor:
+    @torch.no_grad()
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) [k * batch] int64 of the kept entries (training mode), token-major; sets
+        ``last_min_kept`` as :meth:`forward` does."""
+        kept_K = self._kept_indices(pre_acts).sort().values
+        self.last_min_kept = self._batch_threshold(pre_acts, pre_acts.flatten()[kept_K].relu())
+        return kept_K // pre_acts.shape[1], kept_K % pre_acts.shape[1]
+
+    def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
         """The batch's threshold estimate (fp32 scalar, NaN if none): the smallest positive kept
-        value ``values_K``, the global threshold that selects this batch's kept set."""
+        act ``values_K``, the global threshold that selects this batch's kept set."""
         return _min_positive(values_K)
 
-    def _kept_indices(self, relu_BS: Tensor) -> Tensor:
-        """Flat indices (into ``relu_BS.flatten()``) of the entries kept in training mode: the
-        ``k * batch`` largest of ``relu_BS [batch, d_sae]``. The one step subclasses change."""
-        return _batch_topk_indices(relu_BS, self.k * relu_BS.shape[0])
+    def _kept_indices(self, pre_acts: Tensor) -> Tensor:
+        """Flat indices (into ``pre_acts.flatten()``) of the entries kept in training mode: the
+        ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
+        ties among entries <= 0, whose act is 0 either way). The one step subclasses change."""
+        return _batch_topk_indices(pre_acts, self.k * pre_acts.shape[0])
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
@@ -168,18 +201,40 @@ def _min_positive(values: Tensor) -> Tensor:
     return positive.min().float()
 
 
-def _batch_topk_indices(relu_BD: Tensor, n_keep: int) -> Tensor:
-    """Flat indices of the ``n_keep`` largest entries of ``relu_BD [batch, d_sae]`` (>= 0).
+def _batch_topk_indices(pre_BS: Tensor, n_keep: int) -> Tensor:
+    """Flat indices of the ``n_keep`` largest entries of ``pre_BS [batch, d_sae]``, unordered.
 
-    Exact, and cheaper than ``topk`` over all ``batch * d_sae`` entries: a quantile of a few rows
-    gives a bound t, and the selection runs over the entries > t only. When fewer than ``n_keep``
-    entries exceed t, the kept set is not contained in them and we fall back to the full ``topk``;
-    when at least ``n_keep`` do, every one of the ``n_keep`` largest is among them, so the result
-    is the same as the full ``topk`` (up to the order of ties, which topk leaves unspecified).
+    Exact, without a selection over all ``batch * d_sae`` entries (one ``topk`` over a 67M-entry
+    tensor runs on one thread): each token's ``m = 4 * n_keep / batch`` largest entries are the
+    candidates, and the ``n_keep`` largest candidates are kept. With θ the smallest kept value,
+    a token whose smallest candidate is < θ has no entry >= θ outside its candidates, so when
+    every token is like that the result is the global selection (up to the order of ties, which
+    ``topk`` leaves unspecified). A token with all ``m`` candidates >= θ (more than 4× the mean
+    share, and positive) makes it fall back to :func:`_batch_topk_indices_bounded`.
     """
-    flat_N = relu_BD.flatten()
-    n_keep = min(n_keep, flat_N.numel())
-    rows = relu_BD[:: max(1, relu_BD.shape[0] // _SAMPLE_ROWS)].flatten()
+    batch, d_sae = pre_BS.shape
+    n_keep = min(n_keep, pre_BS.numel())
+    m = min(d_sae, 4 * math.ceil(n_keep / batch))
+    cand_v_BM, cand_i_BM = pre_BS.topk(m, dim=1, sorted=False)
+    top = cand_v_BM.flatten().topk(n_keep, sorted=False)
+    if m < d_sae:
+        theta = top.values.min()
+        row_min_B = cand_v_BM.min(dim=1).values
+        if bool(((row_min_B >= theta) & (row_min_B > 0)).any()):
+            return _batch_topk_indices_bounded(pre_BS, n_keep)
+    return torch.div(top.indices, m, rounding_mode="floor") * d_sae + cand_i_BM.flatten()[
+        top.indices
+    ]
+
+
+def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
+    """:func:`_batch_topk_indices` for any distribution of the kept entries over the tokens: a
+    quantile of a few rows gives a bound t, and the selection runs over the entries > t only.
+    When fewer than ``n_keep`` entries exceed t, the kept set is not contained in them and this
+    falls back to one ``topk`` over everything; when at least ``n_keep`` do, every one of the
+    ``n_keep`` largest is among them."""
+    flat_N = pre_BS.flatten()
+    rows = pre_BS[:: max(1, pre_BS.shape[0] // _SAMPLE_ROWS)].flatten()
     # Aim at twice the kept fraction so that the bound holds with a wide margin.
     frac = min(1.0, 2.0 * n_keep / flat_N.numel())
     rank = max(1, int((1.0 - frac) * rows.numel()))
@@ -336,6 +391,10 @@ class JumpReLU(SparsityActivation):
     """
 
     variant = "jumprelu"
+    # bf16 resolves ~0.008 near 1, coarser than the STE's bandwidth (0.001): the rectangle
+    # kernel then sees almost no pre-activation and θ stops learning (synthetic run: L0 2.4
+    # instead of 3.6 with k = 4, FVU 0.30 instead of 0.24). So JumpReLU trains in float32.
+    autocast_safe = False
     log_threshold: nn.Parameter
 
     def __init__(
@@ -513,23 +572,23 @@ class Sampled(BatchTopK):
             return
         self._generator_on(self.threshold.device).set_state(state)
 
-    def _kept_indices(self, relu_BS: Tensor) -> Tensor:
+    def _kept_indices(self, pre_acts: Tensor) -> Tensor:
         """BatchTopK's ``k * batch`` largest entries, taken among the pool's columns only."""
         n_pool = self.k * self.l
-        scores_S = feature_scores(relu_BS, self.score)
+        scores_S = feature_scores(pre_acts.relu(), self.score)
         if n_pool >= int((scores_S > 0).sum()):
-            return super()._kept_indices(relu_BS)  # the pool holds every firing feature
-        pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(relu_BS.device))
-        kept_K = _batch_topk_indices(relu_BS[:, pool_P], self.k * relu_BS.shape[0])
+            return super()._kept_indices(pre_acts)  # the pool holds every firing feature
+        pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(pre_acts.device))
+        kept_K = _batch_topk_indices(pre_acts[:, pool_P], self.k * pre_acts.shape[0])
         rows_K, cols_K = kept_K // n_pool, pool_P[kept_K % n_pool]  # [batch, P] -> [batch, d_sae]
-        return rows_K * relu_BS.shape[1] + cols_K
+        return rows_K * pre_acts.shape[1] + cols_K
 
-    def _batch_threshold(self, relu_BS: Tensor, values_K: Tensor) -> Tensor:
-        """The ``(k * batch)``-th largest entry of ``relu_BS`` over all features (class
+    def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
+        """The ``(k * batch)``-th largest entry of relu(``pre_acts``) over all features (class
         docstring). When the pool held every firing feature this is ``values_K``'s minimum; the
         selection is redone anyway rather than re-scanning the batch to detect that rare case."""
-        kept_K = _batch_topk_indices(relu_BS, self.k * relu_BS.shape[0])
-        return _min_positive(relu_BS.flatten()[kept_K])
+        kept_K = _batch_topk_indices(pre_acts, self.k * pre_acts.shape[0])
+        return _min_positive(pre_acts.flatten()[kept_K])
 
     def hparams(self) -> dict[str, Any]:
         return {"l": self.l, "score": self.score, "pool": self.pool, "seed": self.seed}

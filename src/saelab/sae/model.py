@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab.sae.activations import SparsityActivation, make_activation
+from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ class SAEOutput(NamedTuple):
     recon: Tensor
     acts: Tensor
     pre_acts: Tensor
+
+
+class SparseOutput(NamedTuple):
+    """Output of the sparse training path: recon [batch, d_in] (attached to the graph) and the
+    active latents as a :class:`~saelab.sae.sparse.SparseCode` (nnz entries)."""
+
+    recon: Tensor
+    code: SparseCode
 
 
 class SparseAutoencoder(nn.Module):
@@ -96,6 +105,35 @@ class SparseAutoencoder(nn.Module):
         return SAEOutput(self.decode(acts), acts, pre_acts)
 
     @property
+    def sparse_training(self) -> bool:
+        """Whether :meth:`forward_sparse` is available (TopK, BatchTopK, Sampled, Switch)."""
+        return self.activation.sparse_training
+
+    def forward_sparse(self, x: Tensor) -> SparseOutput:
+        """The training-mode forward of :meth:`forward` for ``x [batch, d_in]`` float32, with
+        the same recon and the same gradients, computed sparsely (:mod:`saelab.sae.sparse`): one
+        dense encoder GEMM without autograd, the activation's :meth:`select`, then only the
+        selected latents' encoder entries, decoder rows and gradients.
+
+        Raises:
+            NotImplementedError: the activation has no sparse path (``sparse_training`` false).
+        """
+        with torch.no_grad():
+            pre_acts_BS = self.encode_pre(x)
+        rows, cols = self.activation.select(pre_acts_BS)
+        values = gather_pre_acts(
+            x, self.W_enc, self.b_enc, self.b_dec, pre_acts_BS[rows, cols].float(), rows, cols
+        ).relu()
+        code = SparseCode(values, rows, cols, offsets_of(rows, x.shape[0]))
+        return SparseOutput(sparse_decode(code, self.W_dec, self.b_dec), code)
+
+    def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
+        """x [batch, d_in] -> pre_acts [batch, n] of the latents ``latents [n]`` int64 only,
+        attached to the graph (AuxK's dead latents: a GEMM of n columns, not d_sae)."""
+        W_enc_DN = self.W_enc[:, latents]
+        return torch.addmm(self.b_enc[latents] - self.b_dec @ W_enc_DN, x, W_enc_DN)
+
+    @property
     def variant(self) -> str:
         return self.activation.variant
 
@@ -103,10 +141,14 @@ class SparseAutoencoder(nn.Module):
         """The variant's hyperparameters besides k (saved in ``cfg.json``)."""
         return self.activation.hparams()
 
-    def sparsity_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
+    def sparsity_loss(self, x: Tensor, out: SAEOutput | SparseOutput) -> Tensor:
         """The variant's weighted training penalty on ``x [batch, d_in]`` with ``out = self(x)``
         (scalar attached to the graph): the activation's
-        :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0)."""
+        :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0).
+        With ``out = self.forward_sparse(x)`` it is 0: only penalty-free activations have that
+        path."""
+        if isinstance(out, SparseOutput):
+            return x.new_zeros(())
         return self.activation.sparsity_loss(out.pre_acts, out.acts, self.W_dec)
 
     @torch.no_grad()

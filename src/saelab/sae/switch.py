@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from saelab.sae.activations import TopK
-from saelab.sae.model import SAEOutput, SparseAutoencoder
+from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
+from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 
 
 class SwitchSAE(SparseAutoencoder):
@@ -131,6 +132,45 @@ class SwitchSAE(SparseAutoencoder):
         acts_BS = self._to_dense(torch.cat(act_rows)[inverse_B], expert_B, 0.0)
         pre_BS = self._to_dense(torch.cat(pre_rows)[inverse_B], expert_B, float("-inf"))
         return SAEOutput(recon_BD, acts_BS, pre_BS)
+
+    def forward_sparse(self, x: Tensor) -> SparseOutput:
+        """The sparse training path (:mod:`saelab.sae.sparse`) of :meth:`forward`: same recon,
+        same gradients. Each expert's encoder GEMM runs on its tokens without autograd; only the
+        ``k`` selected latents per token enter the graph, scaled by the router probability."""
+        probs_BE, expert_B = self.route(x)
+        p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
+        rows, cols, values = self._select(x, expert_B)
+        acts = gather_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, values, rows, cols)
+        code = SparseCode(acts.relu() * p_B[rows], rows, cols, offsets_of(rows, x.shape[0]))
+        return SparseOutput(sparse_decode(code, self.W_dec, self.b_dec), code)
+
+    @torch.no_grad()
+    def _select(self, x: Tensor, expert_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per expert, the TopK latents of its tokens: (rows, cols, pre-activation values),
+        [batch * k] each, token-major (cols are global latent indices)."""
+        W_enc, _, b_enc = self._experts()
+        k = self.activation.k
+        rows, cols, values = [], [], []
+        for e in range(self.n_experts):
+            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
+            if idx_N.numel() == 0:
+                continue
+            pre_NM = torch.addmm(b_enc[e] - self.b_dec @ W_enc[e], x[idx_N], W_enc[e])
+            values_NK, local_NK = pre_NM.topk(k, dim=1, sorted=False)
+            rows.append(idx_N.repeat_interleave(k))
+            cols.append(local_NK.flatten() + e * self.d_expert)
+            values.append(values_NK.flatten().float())
+        rows_N = torch.cat(rows)
+        order = torch.argsort(rows_N, stable=True)
+        return rows_N[order], torch.cat(cols)[order], torch.cat(values)[order]
+
+    def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
+        """As :meth:`SparseAutoencoder.pre_acts_of`, ``-inf`` where the token is routed to
+        another expert than the latent's (as in :meth:`forward`'s pre_acts)."""
+        _, expert_B = self.route(x)
+        pre_BN = super().pre_acts_of(x, latents)
+        same_BN = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
+        return pre_BN.masked_fill(~same_BN, float("-inf"))
 
     def _to_dense(self, rows_BM: Tensor, expert_B: Tensor, fill: float) -> Tensor:
         """Place each token's ``[d_expert]`` row in its expert's block of a ``[batch, d_sae]``
