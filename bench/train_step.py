@@ -1,9 +1,21 @@
 """Benchmark: one training step of each SAE variant, as a ratio to one dense encoder GEMM.
 
-The physical floor of a TopK step is one ``[batch, d_in] x [d_in, d_sae]`` GEMM (issue 5); this
-script times ``saelab.train.train_step`` and that GEMM side by side in one process, interleaved,
-and prints ``step / GEMM`` (median over ``--repeats``), so the ratio survives a noisy, shared
-machine where absolute times drift. Run: ``python bench/train_step.py [--threads 2]``.
+The physical floor of a TopK step is one ``[batch, d_in] x [d_in, d_sae]`` GEMM (issue 5). This
+script times, side by side in one process and interleaved (median of ``--repeats``), so that the
+ratios survive a noisy, shared machine where absolute times drift:
+
+- ``GEMM``: that fp32 GEMM, and the same GEMM in bf16 (``bf16/fp32``);
+- ``dense``: ``saelab.train.train_step(sparse=False)`` with torch's default Adam, the
+  straightforward implementation (dense ``[batch, d_sae]`` codes, dense decoder, autograd through
+  everything): what the trainer did before the sparse path;
+- ``step``: the trainer's step as the pipeline runs it (sparse path where the variant has one,
+  fused Adam, ``train.autocast: auto`` resolved for this machine).
+
+Then the Switch SAE's step against dense TopK's of the same total width. ``--dead-fraction``
+marks that share of the latents dead so AuxK has work (0, the default: a healthy SAE, as in the
+comparison with other libraries, whose AuxK starts after millions of tokens).
+
+Run: ``python bench/train_step.py [--threads 2] [--shapes 576x4608 768x16384]``.
 """
 
 from __future__ import annotations
@@ -11,11 +23,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from saelab.sae import build_sae
-from saelab.train import train_step
+from saelab.train import autocast_dtype, param_groups, train_step
 
 HPARAMS = {
     "topk": {},
@@ -28,42 +41,57 @@ HPARAMS = {
 }  # fmt: skip
 
 
-def _seconds(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each function, called interleaved ``repeats`` times after one
+    warm-up call each (allocations, Adam state)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench(variant: str, d_in: int, d_sae: int, k: int, batch: int, repeats: int) -> dict:
-    """Median seconds of one train_step and of one fp32 / bf16 encoder GEMM of the same shape."""
+def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_fraction: float,
+             optimized: bool) -> Callable[[], object]:  # fmt: skip
+    """A closure running one train_step of a fresh SAE (optimized: the trainer's settings)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, d_in, generator=gen)
     sae = build_sae(variant, d_in, d_sae, k, HPARAMS[variant], gen)
     with torch.no_grad():
         sae.activation.init_from_batch_(sae.encode_pre(x), sae.b_enc)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(param_groups(sae), lr=1e-4, fused=optimized or None)
     dead = torch.zeros(d_sae, dtype=torch.bool)
-    dead[: d_sae // 8] = True  # AuxK has work to do, as in a real run
-    W = sae.W_enc.detach()
-    W_bf16, x_bf16 = W.bfloat16(), x.bfloat16()
+    dead[: int(dead_fraction * d_sae)] = True
+    kwargs = {"k_aux": d_in // 2, "aux_coef": 1 / 32, "grad_clip": 1.0, "sparse": optimized,
+              "autocast": autocast_dtype("auto", x.device) if optimized else None}  # fmt: skip
+    return lambda: train_step(sae, optimizer, x, dead, **kwargs)
 
-    def step() -> None:
-        train_step(sae, optimizer, x, dead, k_aux=d_in // 2, aux_coef=1 / 32, grad_clip=1.0)
 
-    step()  # warm-up (allocations, Adam state)
-    steps, gemms, gemms_bf16 = [], [], []
-    for _ in range(repeats):  # interleaved, so drift hits both alike
-        gemms += _seconds(lambda: x @ W, 1)
-        gemms_bf16 += _seconds(lambda: x_bf16 @ W_bf16, 1)
-        steps += _seconds(step, 1)
-    return {
-        "step_s": statistics.median(steps),
-        "gemm_s": statistics.median(gemms),
-        "gemm_bf16_s": statistics.median(gemms_bf16),
-    }
+def bench_shape(args: argparse.Namespace, d_in: int, d_sae: int) -> dict[str, float]:
+    """Print one line per variant; return the optimized step seconds per variant."""
+    x = torch.randn(args.batch, d_in, generator=torch.Generator().manual_seed(1))
+    W = torch.randn(d_in, d_sae) / d_in**0.5
+    x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
+    steps = {}
+    for variant in args.variants:
+        fns = {
+            "gemm": lambda: x @ W,
+            "gemm_bf16": lambda: x_bf16 @ W_bf16,
+            "step": _step_fn(variant, d_in, d_sae, args.k, x, args.dead_fraction, True),
+        }
+        if not args.no_dense:
+            fns["dense"] = _step_fn(variant, d_in, d_sae, args.k, x, args.dead_fraction, False)
+        t = _median_seconds(fns, args.repeats)
+        dense = t.get("dense", float("nan"))
+        print(
+            f"{variant:<10} {d_in:>5} {d_sae:>6} {t['gemm']:>7.3f} {t['gemm_bf16'] / t['gemm']:>9.2f}"
+            f" {dense / t['gemm']:>11.2f} {t['step'] / t['gemm']:>10.2f} {dense / t['step']:>8.1f}"
+        )
+        steps[variant] = t["step"]
+    return steps
 
 
 def main() -> None:
@@ -72,22 +100,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dead-fraction", type=float, default=0.0)
+    parser.add_argument("--no-dense", action="store_true", help="skip the reference step")
     parser.add_argument("--variants", nargs="+", default=list(HPARAMS))
     parser.add_argument("--shapes", nargs="+", default=["576x4608", "768x16384"],
                         help="d_in x d_sae")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}")
-    print(f"{'variant':<10} {'d_in':>5} {'d_sae':>6} {'step s':>8} {'GEMM s':>8} "
-          f"{'step/GEMM':>10} {'bf16 GEMM/fp32':>15}")  # fmt: skip
+    precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "
+          f"dead fraction {args.dead_fraction}, default precision here: {precision}")  # fmt: skip
+    print(f"{'variant':<10} {'d_in':>5} {'d_sae':>6} {'GEMM s':>7} {'bf16/fp32':>9} "
+          f"{'dense/GEMM':>11} {'step/GEMM':>10} {'speedup':>8}")  # fmt: skip
     for shape in args.shapes:
         d_in, d_sae = (int(v) for v in shape.split("x"))
-        for variant in args.variants:
-            r = bench(variant, d_in, d_sae, args.k, args.batch, args.repeats)
-            print(
-                f"{variant:<10} {d_in:>5} {d_sae:>6} {r['step_s']:>8.3f} {r['gemm_s']:>8.3f} "
-                f"{r['step_s'] / r['gemm_s']:>10.2f} {r['gemm_bf16_s'] / r['gemm_s']:>15.2f}"
-            )
+        steps = bench_shape(args, d_in, d_sae)
+        if "switch" in steps and "topk" in steps:
+            print(f"  switch (8 experts) vs topk, same width {d_in}x{d_sae}: "
+                  f"{steps['topk'] / steps['switch']:.2f}x faster per step")  # fmt: skip
 
 
 if __name__ == "__main__":

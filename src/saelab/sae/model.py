@@ -118,8 +118,9 @@ class SparseAutoencoder(nn.Module):
         Raises:
             NotImplementedError: the activation has no sparse path (``sparse_training`` false).
         """
-        with torch.no_grad():
-            pre_acts_BS = self.encode_pre(x)
+        with torch.no_grad():  # x @ W_enc, then the bias in place: addmm copies the bias
+            # into the [batch, d_sae] output before the GEMM, a pass as large as the GEMM's output
+            pre_acts_BS = (x @ self.W_enc).add_(self.b_enc - self.b_dec @ self.W_enc)
         rows, cols = self.activation.select(pre_acts_BS)
         values = gather_pre_acts(
             x, self.W_enc, self.b_enc, self.b_dec, pre_acts_BS[rows, cols].float(), rows, cols
@@ -169,14 +170,15 @@ class SparseAutoencoder(nn.Module):
         row's norm, which the renormalisation undoes; removing it keeps Adam's statistics for the
         direction only. ``g_i <- g_i - (g_i . w_i) w_i / ||w_i||^2``.
         """
-        grad = self.W_dec.grad
-        if grad is None:
+        grad_SD = self.W_dec.grad
+        if grad_SD is None:
             return
-        W_dec_SD = self.W_dec
-        coef_S1 = (grad * W_dec_SD).sum(dim=1, keepdim=True) / (
-            W_dec_SD.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
-        )
-        grad -= coef_S1 * W_dec_SD
+        W_dec_SD = self.W_dec.detach()
+        # Row-wise dots as a batched [1, d_in] x [d_in, 1] product and an in-place addcmul: no
+        # [d_sae, d_in] temporary (each would be a pass over the decoder's size).
+        dot_S = torch.bmm(grad_SD.unsqueeze(1), W_dec_SD.unsqueeze(2)).view(-1)
+        sq_norm_S = torch.linalg.vector_norm(W_dec_SD, dim=1).square().clamp_min(1e-12)
+        grad_SD.addcmul_((dot_S / sq_norm_S).unsqueeze(1), W_dec_SD, value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:
