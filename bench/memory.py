@@ -6,7 +6,7 @@ base size, and reports three numbers read from ``/proc/self/status``:
 - ``setup``: peak RSS (VmHWM) while loading (the LM; the SAE and Adam), before any data flows;
 - ``work``: peak RSS of the data phase alone (VmHWM reset through ``/proc/self/clear_refs``
   after setup), i.e. what grows, if anything, with the corpus;
-- ``process``: the child's whole-life peak (``ru_maxrss`` from ``os.wait4``).
+- ``process``: the child's whole-life peak, max(setup, work).
 
 Cache path: ``read_tokens`` of the whole train split + :func:`saelab.cache.cache_split` over
 ``scale x --cache-contexts`` contexts with the real model; ``--chunk-tokens`` (default one
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -118,13 +117,11 @@ def scaled_store(src: Path, scale: int, out: Path) -> Path:
 
 
 def run_child(argv: list[str]) -> dict[str, float]:
-    """Run this script as a child; its JSON result plus ``process`` (ru_maxrss, MiB)."""
-    proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE)
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"child {argv} failed")
-    return {**json.loads(out.splitlines()[-1]), "process": usage.ru_maxrss / 1024}
+    """Run this script as a child and return its JSON result plus ``process``, the child's
+    whole-life peak: max(setup, work) (``ru_maxrss`` cannot serve: ``clear_refs`` resets it)."""
+    proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, check=True)
+    result = json.loads(proc.stdout.splitlines()[-1])
+    return {**result, "process": max(result["setup"], result["work"])}
 
 
 def main() -> None:
