@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +281,65 @@ def test_shuffled_batches_reproducible(index_store: Path) -> None:
     a, b, c = stream(7), stream(7), stream(8)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def reference_stream(
+    path: Path, batch: int, shuffle_chunks: int, seed: int, exclude: bool
+) -> Iterator[torch.Tensor]:
+    """The straightforward reading of ShuffledBatches' spec: the whole store in memory, global
+    row indices, the same generator draws (chunk order per epoch, one permutation per group of
+    carry + chunks)."""
+    store = ActivationStore(path)
+    data = store.read(0, store.n_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    carry = torch.empty(0, dtype=torch.long)
+    while True:
+        order = torch.randperm(store.n_chunks, generator=gen).tolist()
+        for g in range(0, len(order), shuffle_chunks):
+            rows = [carry]
+            for c in order[g : g + shuffle_chunks]:
+                start, stop = store.chunk_range(c)
+                keep = store.keep_mask(start, stop) if exclude else slice(None)
+                rows.append(torch.arange(start, stop)[keep])
+            rows = torch.cat(rows)
+            rows = rows[torch.randperm(len(rows), generator=gen)]
+            n_full = len(rows) // batch
+            for b in range(n_full):
+                yield data[rows[b * batch : (b + 1) * batch]]
+            carry = rows[n_full * batch :]
+
+
+@pytest.mark.parametrize(("batch", "shuffle_chunks", "exclude"), [(16, 2, True), (10, 3, False)])
+def test_shuffled_batches_match_reference(
+    index_store: Path, batch: int, shuffle_chunks: int, exclude: bool
+) -> None:
+    """The chunk-group reader yields exactly the reference stream's batches (3 epochs)."""
+    got = ShuffledBatches(
+        index_store, batch, exclude_first_position=exclude, shuffle_chunks=shuffle_chunks, seed=3
+    )
+    want = reference_stream(index_store, batch, shuffle_chunks, 3, exclude)
+    for _ in range(3 * 128 // batch):
+        assert torch.equal(next(got), next(want))
+
+
+def test_shuffled_batches_release_previous_group(index_store: Path) -> None:
+    """Peak memory is one group: when a group is loaded, the previous group's buffer is gone."""
+    batches = ShuffledBatches(
+        index_store, 16, exclude_first_position=True, shuffle_chunks=2, seed=0
+    )
+    loaded: list[weakref.ref] = []
+    alive_at_load: list[bool] = []
+    load = batches._load
+
+    def spy(chunks: list[int], carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alive_at_load.append(any(ref() is not None for ref in loaded))
+        buffer, rows = load(chunks, carry)
+        loaded.append(weakref.ref(buffer))
+        return buffer, rows
+
+    batches._load = spy  # type: ignore[method-assign]
+    take(batches, 14)  # two epochs of two groups each
+    assert len(alive_at_load) >= 4 and not any(alive_at_load)
 
 
 @pytest.mark.parametrize("exclude", [True, False])

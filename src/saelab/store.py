@@ -385,7 +385,8 @@ class ShuffledBatches:
     epoch; when ``tokens_per_epoch`` is a multiple of ``batch_size``, each run of
     ``tokens_per_epoch // batch_size`` batches from the start is exactly one epoch.
 
-    Memory: ``shuffle_chunks`` chunks in the stored dtype plus one float32 batch. Reproducible:
+    Memory: one group's buffer (``shuffle_chunks`` chunks in the stored dtype; the previous
+    group's is released before the next is read) plus one float32 batch. Reproducible:
     one ``torch.Generator`` seeded with ``seed`` drives both the chunk order and the
     permutations; successive epochs differ.
 
@@ -430,6 +431,9 @@ class ShuffledBatches:
             self.epoch += 1
             order = torch.randperm(self.store.n_chunks, generator=self._generator).tolist()
             for g in range(0, len(order), self.shuffle_chunks):
+                # Drop the previous group's buffer first, or it stays alive while the next one
+                # is filled and the peak is two groups (bench/memory.py).
+                buffer = rows = None
                 buffer, rows = self._load(order[g : g + self.shuffle_chunks], carry)
                 rows = rows[torch.randperm(len(rows), generator=self._generator)]
                 n_full = len(rows) // self.batch_size
