@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saelab.sae import BatchTopK, SparseAutoencoder, TopK, make_activation
-from saelab.sae.activations import _batch_topk_indices
+from saelab.sae.activations import batch_topk
 
 VARIANTS = ("topk", "batchtopk")
 
@@ -79,7 +79,9 @@ def test_batchtopk_selection_equals_full_topk(shift: float):
     gen = torch.Generator().manual_seed(2)
     relu = (torch.randn(1024, 96, generator=gen) + shift).relu()
     n_keep = 8 * 1024
-    fast = relu.flatten()[_batch_topk_indices(relu, n_keep)].sort().values
+    rows, cols = batch_topk(relu, n_keep)
+    assert bool((rows[1:] >= rows[:-1]).all())  # token-major
+    fast = relu[rows, cols].sort().values
     full = relu.flatten().topk(n_keep).values.sort().values
     assert torch.equal(fast, full)
 
@@ -91,9 +93,9 @@ def test_batchtopk_selection_with_one_token_holding_most_of_the_batch():
     pre = torch.randn(256, 512, generator=gen)
     pre[7] += 10.0  # token 7 alone outranks everything else: 512 kept entries in one row
     n_keep = 4 * 256
-    kept = _batch_topk_indices(pre, n_keep)
-    assert torch.equal(pre.flatten()[kept].sort().values, pre.flatten().topk(n_keep).values.sort().values)
-    assert int((kept // 512 == 7).sum()) == 512
+    rows, cols = batch_topk(pre, n_keep)
+    assert torch.equal(pre[rows, cols].sort().values, pre.flatten().topk(n_keep).values.sort().values)
+    assert int((rows == 7).sum()) == 512 and bool((rows[1:] >= rows[:-1]).all())
 
 
 def test_batchtopk_gradient_reaches_only_kept_entries():

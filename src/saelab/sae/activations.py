@@ -164,7 +164,8 @@ class BatchTopK(SparsityActivation):
         if not self.training:
             return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
         with torch.no_grad():
-            kept_K = self._kept_indices(pre_acts.detach())
+            rows_K, cols_K = self._kept(pre_acts.detach())
+            kept_K = rows_K * pre_acts.shape[1] + cols_K  # flat indices
         values_K = pre_acts.flatten().gather(0, kept_K).relu()
         with torch.no_grad():
             self.last_min_kept = self._batch_threshold(pre_acts, values_K)
@@ -174,20 +175,20 @@ class BatchTopK(SparsityActivation):
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, cols) [k * batch] int64 of the kept entries (training mode), token-major; sets
         ``last_min_kept`` as :meth:`forward` does."""
-        kept_K = self._kept_indices(pre_acts).sort().values
-        self.last_min_kept = self._batch_threshold(pre_acts, pre_acts.flatten()[kept_K].relu())
-        return kept_K // pre_acts.shape[1], kept_K % pre_acts.shape[1]
+        rows_K, cols_K = self._kept(pre_acts)
+        self.last_min_kept = self._batch_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
+        return rows_K, cols_K
 
     def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
         """The batch's threshold estimate (fp32 scalar, NaN if none): the smallest positive kept
         act ``values_K``, the global threshold that selects this batch's kept set."""
         return _min_positive(values_K)
 
-    def _kept_indices(self, pre_acts: Tensor) -> Tensor:
-        """Flat indices (into ``pre_acts.flatten()``) of the entries kept in training mode: the
+    def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) [k * batch] int64, token-major, of the entries kept in training mode: the
         ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
         ties among entries <= 0, whose act is 0 either way). The one step subclasses change."""
-        return _batch_topk_indices(pre_acts, self.k * pre_acts.shape[0])
+        return batch_topk(pre_acts, self.k * pre_acts.shape[0])
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
@@ -201,16 +202,19 @@ def _min_positive(values: Tensor) -> Tensor:
     return positive.min().float()
 
 
-def _batch_topk_indices(pre_BS: Tensor, n_keep: int) -> Tensor:
-    """Flat indices of the ``n_keep`` largest entries of ``pre_BS [batch, d_sae]``, unordered.
+def batch_topk(pre_BS: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    """The ``n_keep`` largest entries of ``pre_BS [batch, d_sae]`` as (rows, cols), [n_keep]
+    int64 each, token-major (rows non-decreasing): BatchTopK's selection (Bussmann et al. 2024,
+    sec. 3).
 
     Exact, without a selection over all ``batch * d_sae`` entries (one ``topk`` over a 67M-entry
-    tensor runs on one thread): each token's ``m = 4 * n_keep / batch`` largest entries are the
-    candidates, and the ``n_keep`` largest candidates are kept. With θ the smallest kept value,
-    a token whose smallest candidate is < θ has no entry >= θ outside its candidates, so when
-    every token is like that the result is the global selection (up to the order of ties, which
-    ``topk`` leaves unspecified). A token with all ``m`` candidates >= θ (more than 4× the mean
-    share, and positive) makes it fall back to :func:`_batch_topk_indices_bounded`.
+    tensor runs on one thread) and without a sort: each token's ``m = 4 * n_keep / batch``
+    largest entries are the candidates, and the ``n_keep`` largest candidates are kept, read back
+    in token order from a ``[batch, m]`` mask. With θ the smallest kept value, a token whose
+    smallest candidate is < θ has no entry >= θ outside its candidates, so when every token is
+    like that the result is the global selection (up to the order of ties, which ``topk`` leaves
+    unspecified). A token with all ``m`` candidates >= θ (more than 4× the mean share, and
+    positive) makes it fall back to :func:`_batch_topk_indices_bounded`.
     """
     batch, d_sae = pre_BS.shape
     n_keep = min(n_keep, pre_BS.numel())
@@ -221,14 +225,16 @@ def _batch_topk_indices(pre_BS: Tensor, n_keep: int) -> Tensor:
         theta = top.values.min()
         row_min_B = cand_v_BM.min(dim=1).values
         if bool(((row_min_B >= theta) & (row_min_B > 0)).any()):
-            return _batch_topk_indices_bounded(pre_BS, n_keep)
-    return torch.div(top.indices, m, rounding_mode="floor") * d_sae + cand_i_BM.flatten()[
-        top.indices
-    ]
+            flat_K = _batch_topk_indices_bounded(pre_BS, n_keep).sort().values
+            return torch.div(flat_K, d_sae, rounding_mode="floor"), flat_K % d_sae
+    kept_BM = torch.zeros(batch, m, dtype=torch.bool, device=pre_BS.device)
+    kept_BM.view(-1)[top.indices] = True
+    rows_K, slots_K = kept_BM.nonzero().unbind(1)
+    return rows_K, cand_i_BM[rows_K, slots_K]
 
 
 def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
-    """:func:`_batch_topk_indices` for any distribution of the kept entries over the tokens: a
+    """Flat indices of :func:`batch_topk`'s selection, unordered, for any distribution of the kept entries over the tokens: a
     quantile of a few rows gives a bound t, and the selection runs over the entries > t only.
     When fewer than ``n_keep`` entries exceed t, the kept set is not contained in them and this
     falls back to one ``topk`` over everything; when at least ``n_keep`` do, every one of the
@@ -572,23 +578,22 @@ class Sampled(BatchTopK):
             return
         self._generator_on(self.threshold.device).set_state(state)
 
-    def _kept_indices(self, pre_acts: Tensor) -> Tensor:
+    def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """BatchTopK's ``k * batch`` largest entries, taken among the pool's columns only."""
         n_pool = self.k * self.l
         scores_S = feature_scores(pre_acts.relu(), self.score)
         if n_pool >= int((scores_S > 0).sum()):
-            return super()._kept_indices(pre_acts)  # the pool holds every firing feature
+            return super()._kept(pre_acts)  # the pool holds every firing feature
         pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(pre_acts.device))
-        kept_K = _batch_topk_indices(pre_acts[:, pool_P], self.k * pre_acts.shape[0])
-        rows_K, cols_K = kept_K // n_pool, pool_P[kept_K % n_pool]  # [batch, P] -> [batch, d_sae]
-        return rows_K * pre_acts.shape[1] + cols_K
+        rows_K, slots_K = batch_topk(pre_acts[:, pool_P], self.k * pre_acts.shape[0])
+        return rows_K, pool_P[slots_K]  # [batch, P] -> [batch, d_sae]
 
     def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
         """The ``(k * batch)``-th largest entry of relu(``pre_acts``) over all features (class
         docstring). When the pool held every firing feature this is ``values_K``'s minimum; the
         selection is redone anyway rather than re-scanning the batch to detect that rare case."""
-        kept_K = _batch_topk_indices(pre_acts, self.k * pre_acts.shape[0])
-        return _min_positive(pre_acts.flatten()[kept_K])
+        rows_K, cols_K = batch_topk(pre_acts, self.k * pre_acts.shape[0])
+        return _min_positive(pre_acts[rows_K, cols_K])
 
     def hparams(self) -> dict[str, Any]:
         return {"l": self.l, "score": self.score, "pool": self.pool, "seed": self.seed}

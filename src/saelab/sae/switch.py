@@ -147,22 +147,23 @@ class SwitchSAE(SparseAutoencoder):
     @torch.no_grad()
     def _select(self, x: Tensor, expert_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per expert, the TopK latents of its tokens: (rows, cols, pre-activation values),
-        [batch * k] each, token-major (cols are global latent indices)."""
+        [batch * k] each, token-major (cols are global latent indices; each expert's rows are
+        written in place into ``[batch, k]`` tables, so no sort is needed)."""
         W_enc, _, b_enc = self._experts()
         k = self.activation.k
-        rows, cols, values = [], [], []
+        batch = x.shape[0]
+        cols_BK = torch.empty(batch, k, dtype=torch.int64, device=x.device)
+        values_BK = torch.empty(batch, k, dtype=torch.float32, device=x.device)
         for e in range(self.n_experts):
             idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
             if idx_N.numel() == 0:
                 continue
-            pre_NM = torch.addmm(b_enc[e] - self.b_dec @ W_enc[e], x[idx_N], W_enc[e])
+            pre_NM = (x[idx_N] @ W_enc[e]).add_(b_enc[e] - self.b_dec @ W_enc[e])
             values_NK, local_NK = pre_NM.topk(k, dim=1, sorted=False)
-            rows.append(idx_N.repeat_interleave(k))
-            cols.append(local_NK.flatten() + e * self.d_expert)
-            values.append(values_NK.flatten().float())
-        rows_N = torch.cat(rows)
-        order = torch.argsort(rows_N, stable=True)
-        return rows_N[order], torch.cat(cols)[order], torch.cat(values)[order]
+            cols_BK[idx_N] = local_NK + e * self.d_expert
+            values_BK[idx_N] = values_NK.float()
+        rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+        return rows, cols_BK.flatten(), values_BK.flatten()
 
     def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
         """As :meth:`SparseAutoencoder.pre_acts_of`, ``-inf`` where the token is routed to
