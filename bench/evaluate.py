@@ -9,7 +9,10 @@ one full forward, the old per-SAE cost (a full forward with the SAE hooked in), 
 cost (the suffix on the spliced residual stream) and the clean pass that records the suffix; then
 the whole ``downstream_metrics`` of one batch (clean + spliced + zero + mean ablation), old loop
 vs new. The SAE is a freshly initialised TopK of params.yaml's size: its cost is the same either
-way. Run: ``python bench/evaluate.py [--threads 2]``.
+way. Ratios are given for wall time and for the process's CPU time (``time.process_time``, all
+threads; OpenMP threads wait passively so that idle spinning is not counted): on a shared machine
+a job is starved for seconds at a time, which moves wall-time ratios far more than CPU-time ones.
+Run: ``python bench/evaluate.py [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("TQDM_DISABLE", "1")  # downstream_metrics' progress bar
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
+
+import torch  # noqa: E402
 
 from saelab.capture import decoder_layers, hook_resid, load_model, load_tokenizer, splice_fn  # noqa: E402
 from saelab.config import load_params  # noqa: E402
@@ -53,10 +57,21 @@ def old_downstream(model, model_cfg, replace, ids, mean_act) -> dict[str, float]
     return out
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
+LABELS = {
+    "full": "full forward",
+    "clean": "clean pass recording the suffix",
+    "old": "per-SAE spliced, old (full + hook)",
+    "new": "per-SAE spliced, new (suffix)",
+    "old_whole": "downstream_metrics batch, old",
+    "new_whole": "downstream_metrics batch, new",
+}
+
+
+def _seconds(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call of ``fn``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -104,28 +119,24 @@ def main() -> None:
     cases = {"full": full, "old": old_per_sae, "new": new_per_sae,
              "clean": lambda: clean_forward(model, model_cfg, ids),
              "old_whole": old_whole, "new_whole": new_whole}  # fmt: skip
-    for fn in cases.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {key: [] for key in cases}
+    warm = {key: fn() for key, fn in cases.items()}  # warm-up; keeps the metrics
+    times: dict[str, list[tuple[float, float]]] = {key: [] for key in cases}
     for _ in range(args.repeats):  # interleaved, so drift hits all alike
         for key, fn in cases.items():
             times[key].append(_seconds(fn))
-    t = {key: statistics.median(v) for key, v in times.items()}
-    old_m, new_m = old_whole(), new_whole()
+    wall = {key: statistics.median(w for w, _ in v) for key, v in times.items()}
+    cpu = {key: statistics.median(c for _, c in v) for key, v in times.items()}
+    old_m, new_m = warm["old_whole"], warm["new_whole"]
     n_layers = len(decoder_layers(model))
     print(f"torch {torch.__version__}, {args.threads} threads, {args.batch} x {args.ctx_len} "
           f"real tokens ({args.corpus}), {args.hookpoint} of {n_layers} layers, "
           f"TopK SAE d_sae {cfg.sae.d_sae}, median of {args.repeats}")  # fmt: skip
-    print(f"full forward                      {t['full']:7.3f} s   1.00")
-    print(f"clean pass recording the suffix   {t['clean']:7.3f} s   {t['clean'] / t['full']:.2f}")
-    print(f"per-SAE spliced, old (full+hook)  {t['old']:7.3f} s   {t['old'] / t['full']:.2f}")
-    print(f"per-SAE spliced, new (suffix)     {t['new']:7.3f} s   {t['new'] / t['full']:.2f}")
-    print(f"downstream_metrics batch, old     {t['old_whole']:7.3f} s   "
-          f"{t['old_whole'] / t['full']:.2f}")  # fmt: skip
-    print(
-        f"downstream_metrics batch, new     {t['new_whole']:7.3f} s   "
-        f"{t['new_whole'] / t['full']:.2f}   (old / new {t['old_whole'] / t['new_whole']:.2f})"
-    )
+    print(f"{'':34} {'wall s':>7} {'/ full':>7} {'CPU s':>7} {'/ full':>7}")
+    for key, label in LABELS.items():
+        print(f"{label:<34} {wall[key]:7.2f} {wall[key] / wall['full']:7.2f} "
+              f"{cpu[key]:7.2f} {cpu[key] / cpu['full']:7.2f}")  # fmt: skip
+    print(f"downstream_metrics old / new: wall {wall['old_whole'] / wall['new_whole']:.2f}, "
+          f"CPU {cpu['old_whole'] / cpu['new_whole']:.2f}")  # fmt: skip
     diff = max(abs(old_m[key] - new_m[key]) for key in old_m)
     print(f"max |old - new| over CE clean/spliced/zero/mean and KL: {diff:.2e} nats/token")
 
