@@ -6,8 +6,8 @@ recomputes the layers before the hookpoint, whose output is the same every time.
 pass records, with forward pre-hooks, the call of every module after the hookpoint: the suffix
 ``layers[start:]``, the final norm and the LM head, each with the arguments it received besides
 the hidden state (attention mask, position embeddings, position ids, ...). :func:`run_suffix`
-then calls only those modules, in order, on a replaced hidden state: for ``blocks.15.hook_resid_pre``
-of a 30-layer model, 15 layers instead of 30 per replacement.
+then calls only those modules, in order, on a replaced hidden state: for
+``blocks.15.hook_resid_pre`` of a 30-layer model, 15 layers instead of 30 per replacement.
 
 The suffix is the chain ``layers[start] -> ... -> layers[-1] -> final norm -> lm_head`` with
 ``start = L`` for ``blocks.<L>.hook_resid_pre`` and ``L + 1`` for ``blocks.<L>.hook_resid_post``
@@ -153,4 +153,3 @@ def run_suffix(suffix: Suffix, resid: Tensor) -> Tensor:
     for call in suffix.calls:
         hidden = _first(call.module(hidden, *call.args, **call.kwargs))
     return hidden
-
