@@ -69,11 +69,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from saelab.capture import Replacement, hook_resid, splice_fn
+from saelab.capture import Replacement, splice_fn
 from saelab.config import ModelConfig, PipelineConfig
 from saelab.sae import SwitchSAE, load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
+from saelab.splice import clean_forward, run_suffix
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,9 @@ def downstream_metrics(
     replace: [n, d_in] float32 -> [n, d_in] float32 (e.g. the SAE's reconstruction).
     contexts: [n_ctx, ctx_len] int64 token ids. mean_act: [d_in] float32, the eval split's mean
     activation x̄ (None: no mean ablation). Tokens with norm > ``max_norm`` keep their clean
-    activation in every replaced pass. One clean forward per batch, then one per replacement.
-    Definitions: module docstring.
+    activation in every replaced pass. One clean forward per batch, which also records the
+    suffix after the hookpoint (:func:`saelab.splice.clean_forward`); each replacement then runs
+    only that suffix (later layers, final norm, lm_head). Definitions: module docstring.
     """
     start = 1 if skip_first_position else 0
     replacements: dict[str, Replacement] = {
@@ -241,11 +243,12 @@ def downstream_metrics(
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(contexts), batch_size), desc="spliced CE", unit="batch"):
         ids = contexts[i : i + batch_size].to(device)
-        ce_clean, logp_clean = _token_losses(model(input_ids=ids).logits, ids, start)
+        logits, suffix = clean_forward(model, model_cfg, ids)
+        ce_clean, logp_clean = _token_losses(logits, ids, start)
         sums["ce_clean"] += ce_clean.sum().item()
         for key, fn in replacements.items():
-            with hook_resid(model, model_cfg, splice_fn(fn, skip_first_position, max_norm)):
-                ce, logp = _token_losses(model(input_ids=ids).logits, ids, start)
+            resid = splice_fn(fn, skip_first_position, max_norm)(suffix.resid)
+            ce, logp = _token_losses(run_suffix(suffix, resid), ids, start)
             sums[key] += ce.sum().item()
             if key == "ce_spliced":  # KL(clean ‖ spliced) summed over [batch, seq−1−start]
                 sums["kl_div"] += (logp_clean.exp() * (logp_clean - logp)).sum().item()
