@@ -73,7 +73,9 @@ def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_
 def bench_shape(args: argparse.Namespace, d_in: int, d_sae: int) -> dict[str, float]:
     """Print one line per variant; return the optimized step seconds per variant."""
     x = torch.randn(args.batch, d_in, generator=torch.Generator().manual_seed(1))
-    W = torch.randn(d_in, d_sae) / d_in**0.5
+    # W_enc's own layout: SparseAutoencoder builds it as W_dec.T.clone(), [d_in, d_sae]
+    # with column-major strides (a row-major W sends the bf16 GEMM to a slow fallback)
+    W = (torch.randn(d_sae, d_in) / d_in**0.5).t()
     x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
     steps = {}
     for variant in args.variants:

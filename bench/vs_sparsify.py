@@ -90,7 +90,9 @@ def main() -> None:
     for shape in args.shapes:
         d_in, d_sae = (int(v) for v in shape.split("x"))
         x = torch.randn(args.batch, d_in, generator=torch.Generator().manual_seed(1))
-        W = torch.randn(d_in, d_sae) / d_in**0.5
+        # W_enc's own layout: SparseAutoencoder builds it as W_dec.T.clone(), [d_in, d_sae]
+        # with column-major strides (a row-major W sends the bf16 GEMM to a slow fallback)
+        W = (torch.randn(d_sae, d_in) / d_in**0.5).t()
         t = _median_seconds({
             "gemm": lambda: x @ W,
             "sparsify": _sparsify_step_fn(sc, d_in, d_sae, args.k, x),
