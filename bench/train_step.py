@@ -55,6 +55,14 @@ def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def inputs(batch: int, d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [batch, d_in] and an encoder-shaped W [d_in, d_sae] float32 for the reference GEMM, in
+    W_enc's own layout: SparseAutoencoder builds it as ``W_dec.T.clone()``, column-major strides
+    (a row-major W sends the bf16 GEMM to a slow fallback)."""
+    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1))
+    return x, (torch.randn(d_sae, d_in) / d_in**0.5).t()
+
+
 def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_fraction: float,
              optimized: bool) -> Callable[[], object]:  # fmt: skip
     """A closure running one train_step of a fresh SAE (optimized: the trainer's settings)."""
@@ -72,10 +80,7 @@ def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_
 
 def bench_shape(args: argparse.Namespace, d_in: int, d_sae: int) -> dict[str, float]:
     """Print one line per variant; return the optimized step seconds per variant."""
-    x = torch.randn(args.batch, d_in, generator=torch.Generator().manual_seed(1))
-    # W_enc's own layout: SparseAutoencoder builds it as W_dec.T.clone(), [d_in, d_sae]
-    # with column-major strides (a row-major W sends the bf16 GEMM to a slow fallback)
-    W = (torch.randn(d_sae, d_in) / d_in**0.5).t()
+    x, W = inputs(args.batch, d_in, d_sae)
     x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
     steps = {}
     for variant in args.variants:
@@ -89,8 +94,9 @@ def bench_shape(args: argparse.Namespace, d_in: int, d_sae: int) -> dict[str, fl
         t = _median_seconds(fns, args.repeats)
         dense = t.get("dense", float("nan"))
         print(
-            f"{variant:<10} {d_in:>5} {d_sae:>6} {t['gemm']:>7.3f} {t['gemm_bf16'] / t['gemm']:>9.2f}"
-            f" {dense / t['gemm']:>11.2f} {t['step'] / t['gemm']:>10.2f} {dense / t['step']:>8.1f}"
+            f"{variant:<10} {d_in:>5} {d_sae:>6} {t['gemm']:>7.3f}"
+            f" {t['gemm_bf16'] / t['gemm']:>9.2f} {dense / t['gemm']:>11.2f}"
+            f" {t['step'] / t['gemm']:>10.2f} {dense / t['step']:>8.1f}"
         )
         steps[variant] = t["step"]
     return steps

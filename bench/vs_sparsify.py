@@ -29,7 +29,7 @@ import types
 from pathlib import Path
 
 import torch
-from train_step import _median_seconds, _step_fn
+from train_step import _median_seconds, _step_fn, inputs
 
 from saelab.train import autocast_dtype
 
@@ -89,12 +89,9 @@ def main() -> None:
           f"{'sparsify/saelab':>16}")  # fmt: skip
     for shape in args.shapes:
         d_in, d_sae = (int(v) for v in shape.split("x"))
-        x = torch.randn(args.batch, d_in, generator=torch.Generator().manual_seed(1))
-        # W_enc's own layout: SparseAutoencoder builds it as W_dec.T.clone(), [d_in, d_sae]
-        # with column-major strides (a row-major W sends the bf16 GEMM to a slow fallback)
-        W = (torch.randn(d_sae, d_in) / d_in**0.5).t()
+        x, W = inputs(args.batch, d_in, d_sae)
         t = _median_seconds({
-            "gemm": lambda: x @ W,
+            "gemm": lambda x=x, W=W: x @ W,
             "sparsify": _sparsify_step_fn(sc, d_in, d_sae, args.k, x),
             "saelab": _step_fn("topk", d_in, d_sae, args.k, x, 0.0, True),
         }, args.repeats)  # fmt: skip

@@ -234,8 +234,9 @@ def batch_topk(pre_BS: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
 
 
 def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
-    """Flat indices of :func:`batch_topk`'s selection, unordered, for any distribution of the kept entries over the tokens: a
-    quantile of a few rows gives a bound t, and the selection runs over the entries > t only.
+    """Flat indices of :func:`batch_topk`'s selection, unordered, for any distribution of the
+    kept entries over the tokens: a quantile of a few rows gives a bound t, and the selection
+    runs over the entries > t only.
     When fewer than ``n_keep`` entries exceed t, the kept set is not contained in them and this
     falls back to one ``topk`` over everything; when at least ``n_keep`` do, every one of the
     ``n_keep`` largest is among them."""

@@ -97,7 +97,7 @@ class _GatherPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_N: Tensor) -> tuple[Tensor | None, ...]:
         x, W_enc, b_dec, rows, cols = ctx.saved_tensors
-        (batch, d_in), d_sae = x.shape, W_enc.shape[1]
+        batch, d_sae = x.shape[0], W_enc.shape[1]
         need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if need_x:  # d/dx_r = sum_e g_e W_enc[:, c_e]
@@ -126,14 +126,14 @@ def gather_pre_acts(
     return _GatherPreActs.apply(x, W_enc, b_enc, b_dec, values.detach(), rows, cols)
 
 
-def sparse_decode(code: SparseCode, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
-    """recon [batch, d_in] = ``sum_e values_e W_dec[cols_e]`` per token (+ ``b_dec`` [d_in] unless
-    None): ``acts @ W_dec + b_dec`` without the dense acts (``F.embedding_bag``, mode sum).
+def sparse_decode(code: SparseCode, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """recon [batch, d_in] = ``sum_e values_e W_dec[cols_e] + b_dec`` per token: ``acts @ W_dec +
+    b_dec`` without the dense acts (``F.embedding_bag``, mode sum).
 
-    W_dec: [d_sae, d_in] float32. Gradients flow to ``code.values``, ``W_dec`` and ``b_dec``.
+    W_dec: [d_sae, d_in], b_dec: [d_in] float32. Gradients flow to ``code.values``, ``W_dec`` and
+    ``b_dec``.
     """
     recon_BD = F.embedding_bag(
         code.cols, W_dec, code.offsets, mode="sum", per_sample_weights=code.values
     )
-    return recon_BD if b_dec is None else recon_BD + b_dec
-
+    return recon_BD + b_dec
