@@ -8,6 +8,9 @@ base size, and reports three numbers read from ``/proc/self/status``:
   after setup), i.e. what grows, if anything, with the corpus;
 - ``process``: the child's whole-life peak, max(setup, work).
 
+The children set host memory as the ``saelab`` CLI does (:func:`saelab.allocator.keep_freed_memory`:
+freed memory is kept, not returned), or glibc's defaults with ``--malloc default``.
+
 Cache path: ``read_tokens`` of the whole train split + :func:`saelab.cache.cache_split` over
 ``scale x --cache-contexts`` contexts with the real model; ``--chunk-tokens`` (default one
 forward batch) stands in for ``cache.chunk_tokens`` so that several chunks are written at every
@@ -52,12 +55,14 @@ def child_cache(args: argparse.Namespace) -> dict[str, float]:
     """Cache ``args.scale * args.cache_contexts`` contexts with the real model; peaks in MiB."""
     import torch
 
+    from saelab.allocator import keep_freed_memory
     from saelab.cache import cache_split
     from saelab.capture import load_model
     from saelab.config import load_params
     from saelab.data import read_tokens
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory(args.malloc == "kept")
     cfg = load_params(args.params)
     cfg = dataclasses.replace(
         cfg, cache=dataclasses.replace(cfg.cache, chunk_tokens=args.chunk_tokens)
@@ -78,11 +83,13 @@ def child_train(args: argparse.Namespace) -> dict[str, float]:
     with a TopK train_step on the first and the last; peaks in MiB."""
     import torch
 
+    from saelab.allocator import keep_freed_memory
     from saelab.sae import build_sae
     from saelab.store import ShuffledBatches, drop_outliers, median_norm
     from saelab.train import train_step
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory(args.malloc == "kept")
     gen = torch.Generator().manual_seed(0)
     sae = build_sae("topk", 576, 4608, 32, {}, gen)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
@@ -135,6 +142,10 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=2048)
     parser.add_argument("--train-batches", type=int, default=256)
     parser.add_argument("--shuffle-chunks", type=int, default=8)
+    parser.add_argument(
+        "--malloc", choices=["kept", "default"], default="kept",
+        help="kept: keep_freed_memory(), as the saelab CLI; default: glibc's",
+    )  # fmt: skip
     parser.add_argument("--only", choices=["cache", "train"], default=None)
     parser.add_argument("--child", choices=["cache", "train"], default=None)
     parser.add_argument("--scale", type=int, default=1)
@@ -147,7 +158,8 @@ def main() -> None:
     common = ["--params", str(args.params), "--tokens", str(args.tokens),
               "--threads", str(args.threads), "--cache-contexts", str(args.cache_contexts),
               "--chunk-tokens", str(args.chunk_tokens), "--train-batches",
-              str(args.train_batches), "--shuffle-chunks", str(args.shuffle_chunks)]  # fmt: skip
+              str(args.train_batches), "--shuffle-chunks", str(args.shuffle_chunks),
+              "--malloc", args.malloc]  # fmt: skip
     header = f"{'path':<6} {'scale':>5} {'tokens':>10} {'setup MiB':>10} {'work MiB':>9} " \
              f"{'process MiB':>12}"  # fmt: skip
     print(f"peak RSS per corpus size (work: the data phase alone, after setup); "

@@ -15,6 +15,8 @@ Then the Switch SAE's step against dense TopK's of the same total width. ``--dea
 marks that share of the latents dead so AuxK has work (0, the default: a healthy SAE, as in the
 comparison with other libraries, whose AuxK starts after millions of tokens).
 
+Memory as the pipeline runs (:func:`saelab.allocator.keep_freed_memory`, for the GEMM too).
+
 Run: ``python bench/train_step.py [--threads 2] [--shapes 576x4608 768x16384]``.
 """
 
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from saelab.allocator import keep_freed_memory
 from saelab.sae import build_sae
 from saelab.train import autocast_dtype, param_groups, train_step
 
@@ -115,6 +118,7 @@ def main() -> None:
                         help="d_in x d_sae")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the saelab CLI runs (bench/allocator.py: with and without)
     precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "
           f"dead fraction {args.dead_fraction}, default precision here: {precision}")  # fmt: skip

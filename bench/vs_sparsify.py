@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from train_step import _median_seconds, _step_fn, inputs
 
+from saelab.allocator import keep_freed_memory
 from saelab.train import autocast_dtype
 
 
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["768x16384", "576x4608"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the saelab CLI runs; sparsify's step gets it too
     sc = _import_sparsify(args.sparsify_path, args.deps_path)
     precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "

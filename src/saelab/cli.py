@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from saelab.allocator import keep_freed_memory
 from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def _setup_logging() -> None:
 def cli() -> None:
     """Train and compare sparse autoencoders on a language model's activations."""
     _setup_logging()
+    keep_freed_memory()  # every stage allocates the same large tensors per batch (allocator.py)
 
 
 @cli.command()
