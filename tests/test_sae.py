@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saelab.sae import BatchTopK, SparseAutoencoder, TopK, make_activation
-from saelab.sae.activations import batch_topk
+from saelab.sae.activations import batch_topk, row_topk
 
 VARIANTS = ("topk", "batchtopk")
 
@@ -86,6 +86,40 @@ def test_batchtopk_selection_equals_full_topk(shift: float):
     assert torch.equal(fast, full)
 
 
+def _assert_row_topk_exact(x: torch.Tensor, k: int) -> None:
+    values, indices = row_topk(x, k)
+    assert values.shape == indices.shape == (x.shape[0], k) and indices.dtype == torch.int64
+    assert torch.equal(x.gather(1, indices), values)  # the indices point at the values
+    assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all())  # k distinct entries
+    assert torch.equal(values.sort(dim=1).values, x.topk(k, dim=1).values.sort(dim=1).values)
+
+
+@pytest.mark.parametrize(
+    ("n", "k"),
+    [(2048, 32), (4608, 32), (4608, 128), (16384, 32), (16384, 128), (1000, 32), (256, 64)],
+)  # the two-level paths (chunks of 8 or 4, groups of 8 or 4); fallbacks: 1000 (no split), 256
+def test_row_topk_selects_the_same_values_as_topk(n: int, k: int):
+    """Each row's k largest values, exactly, whatever path row_topk takes."""
+    x = torch.randn(64, n, generator=torch.Generator().manual_seed(n + k))
+    _assert_row_topk_exact(x, k)
+
+
+def test_row_topk_with_ties_and_clustered_maxima():
+    """Ties (few distinct values) and rows whose k largest entries share few chunks and one
+    group (entry j is in chunk j mod n/8, group j mod n/64 at n = 4096, k = 32): the same values
+    as topk, k distinct indices."""
+    gen = torch.Generator().manual_seed(4)
+    ties = torch.randint(0, 4, (16, 4096), generator=gen).float()
+    _assert_row_topk_exact(ties, 32)
+    clustered = torch.randn(16, 4096, generator=gen)
+    same_group = torch.arange(32) * 64 + 5  # group 5: 4 entries in each of its 8 chunks
+    clustered[:, same_group] += 10.0
+    _assert_row_topk_exact(clustered, 32)
+    values, indices = row_topk(clustered, 32)
+    assert torch.equal(indices.sort(dim=1).values, same_group.expand(16, 32))
+    _assert_row_topk_exact(clustered[:, ::2], 32)  # not contiguous: the plain topk
+
+
 def test_batchtopk_selection_with_one_token_holding_most_of_the_batch():
     """A token with far more than 4x its share of the kept entries (its candidates are all
     kept) makes the per-token candidates insufficient: the result is still the exact set."""
@@ -94,7 +128,9 @@ def test_batchtopk_selection_with_one_token_holding_most_of_the_batch():
     pre[7] += 10.0  # token 7 alone outranks everything else: 512 kept entries in one row
     n_keep = 4 * 256
     rows, cols = batch_topk(pre, n_keep)
-    assert torch.equal(pre[rows, cols].sort().values, pre.flatten().topk(n_keep).values.sort().values)
+    assert torch.equal(
+        pre[rows, cols].sort().values, pre.flatten().topk(n_keep).values.sort().values
+    )
     assert int((rows == 7).sum()) == 512 and bool((rows[1:] >= rows[:-1]).all())
 
 

@@ -10,7 +10,7 @@ from saelab.sae import build_sae
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 from saelab.train import auxk_loss, fvu, train_step
 
-D_IN, D_SAE, K, BATCH = 24, 96, 4, 64
+D_IN, D_SAE, K, BATCH = 24, 1024, 4, 64  # d_sae: row_topk takes its two-level path
 HPARAMS = {
     "topk": {},
     "batchtopk": {},
@@ -125,8 +125,10 @@ def test_sparse_decode_with_empty_tokens_equals_the_dense_product():
 
 @pytest.mark.parametrize("variant", ["relu", "jumprelu"])
 def test_variants_with_a_dense_penalty_have_no_sparse_path(variant: str):
-    hparams = {"relu": {"l1_coef": 0.01, "init_b_enc": "zero"},
-               "jumprelu": {"bandwidth": 0.001, "l0_coef": 1.0, "init_threshold": 0.1}}[variant]  # fmt: skip
+    hparams = {
+        "relu": {"l1_coef": 0.01, "init_b_enc": "zero"},
+        "jumprelu": {"bandwidth": 0.001, "l0_coef": 1.0, "init_threshold": 0.1},
+    }[variant]
     sae = build_sae(variant, D_IN, D_SAE, K, hparams)
     assert not sae.sparse_training
     with pytest.raises(NotImplementedError, match="no sparse training path"):

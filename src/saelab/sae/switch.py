@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saelab.sae.activations import TopK
+from saelab.sae.activations import TopK, row_topk
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 
@@ -159,7 +159,7 @@ class SwitchSAE(SparseAutoencoder):
             if idx_N.numel() == 0:
                 continue
             pre_NM = (x[idx_N] @ W_enc[e]).add_(b_enc[e] - self.b_dec @ W_enc[e])
-            values_NK, local_NK = pre_NM.topk(k, dim=1, sorted=False)
+            values_NK, local_NK = row_topk(pre_NM, k)
             cols_BK[idx_N] = local_NK + e * self.d_expert
             values_BK[idx_N] = values_NK.float()
         rows = torch.arange(batch, device=x.device).repeat_interleave(k)

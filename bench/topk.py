@@ -1,0 +1,65 @@
+"""Benchmark: ``saelab.sae.activations.row_topk`` against ``torch.topk`` (per-row selection).
+
+Each row's k largest pre-activations are selected once per training step: TopK's k = 32 over
+d_sae, BatchTopK's and Sampled's per-token candidates (4k = 128), and each Switch expert's k = 32
+over d_sae / 8 latents. Times both, interleaved (median of ``--repeats``), on the encoder
+output of a random batch, and checks they select the same values. Memory as the pipeline runs
+(:func:`saelab.allocator.keep_freed_memory`).
+
+Run: ``python bench/topk.py [--threads 2] [--repeats 7]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from saelab.allocator import keep_freed_memory
+from saelab.sae.activations import row_topk
+
+
+def _median_ms(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the saelab CLI runs
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
+    print(f"{'d_sae':>6} {'k':>4} {'topk ms':>8} {'row_topk ms':>11} {'ratio':>6}  same values")
+    for d_sae, k in [(2048, 32), (4608, 32), (4608, 128), (16384, 32), (16384, 128)]:
+        x = torch.randn(args.batch, 768, generator=gen)
+        pre = x @ (torch.randn(d_sae, 768, generator=gen) / 768**0.5).t()
+        t = _median_ms(
+            {
+                "topk": lambda pre=pre, k=k: pre.topk(k, dim=1, sorted=False),
+                "row": lambda pre=pre, k=k: row_topk(pre, k),
+            },
+            args.repeats,
+        )
+        same = torch.equal(
+            row_topk(pre, k)[0].sort(dim=1).values, pre.topk(k, dim=1).values.sort(dim=1).values
+        )
+        print(f"{d_sae:>6} {k:>4} {t['topk']:>8.1f} {t['row']:>11.1f} {t['row'] / t['topk']:>6.2f}"
+              f"  {same}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
