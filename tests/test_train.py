@@ -17,8 +17,8 @@ from saelab.config import TrainConfig
 from saelab.sae import SparseAutoencoder, SwitchSAE, build_sae, make_activation
 from saelab.train import (
     auto_lr,
-    auxk_loss,
     autocast_dtype,
+    auxk_loss,
     estimate_input_scale,
     fvu,
     geometric_median,
@@ -293,7 +293,9 @@ HPARAMS = {
 
 def _new_sae(variant: str, **hparams) -> SparseAutoencoder:
     torch.manual_seed(0)
-    return SparseAutoencoder(32, 96, make_activation(variant, 4, **(HPARAMS.get(variant, {}) | hparams)))
+    return SparseAutoencoder(
+        32, 96, make_activation(variant, 4, **(HPARAMS.get(variant, {}) | hparams))
+    )
 
 
 @pytest.mark.parametrize("variant", ["relu", "jumprelu"])
