@@ -450,3 +450,17 @@ def test_unknown_variant_option_is_a_usage_error(tmp_path, llama_params, capsys)
     assert exit_info.value.code == 2
     assert "--variant" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize(("env", "kept"), [(None, True), ("default", False), ("keep", True)])
+def test_malloc_setting_comes_from_saelab_malloc(tmp_path, monkeypatch, env, kept) -> None:
+    """Every command sets host memory first: freed memory kept unless SAELAB_MALLOC=default."""
+    calls = []
+    monkeypatch.setattr("saelab.cli.keep_freed_memory", lambda enable=True: calls.append(enable))
+    if env is None:
+        monkeypatch.delenv("SAELAB_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("SAELAB_MALLOC", env)
+    with pytest.raises(SystemExit):  # the params file does not exist
+        run_cli("prepare", "--params", tmp_path / "missing.yaml", "--out", tmp_path / "out")
+    assert calls == [kept]

@@ -40,10 +40,16 @@ def _setup_logging() -> None:
 
 
 @click.group()
-def cli() -> None:
+@click.option(
+    "--malloc", type=click.Choice(["keep", "default"]), default="keep", show_default=True,
+    envvar="SAELAB_MALLOC", show_envvar=True,
+    help="keep: glibc keeps freed memory for reuse (every stage allocates the same large "
+    "tensors per batch; faster, a higher resident peak; saelab.allocator); default: glibc's.",
+)  # fmt: skip
+def cli(malloc: str) -> None:
     """Train and compare sparse autoencoders on a language model's activations."""
     _setup_logging()
-    keep_freed_memory()  # every stage allocates the same large tensors per batch (allocator.py)
+    keep_freed_memory(malloc == "keep")
 
 
 @cli.command()
