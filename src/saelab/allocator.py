@@ -10,9 +10,11 @@ Serving them from the heap and never trimming it makes the next step reuse the s
 what a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does; glibc can do it
 through ``mallopt``, with no extra dependency.
 
-Cost: the process keeps its peak resident memory until it exits instead of returning freed memory
-to the kernel; the peak itself does not grow. Numerics are untouched. CUDA tensors are not
-affected (they have their own caching allocator).
+Cost: the process keeps its resident memory until it exits instead of returning freed memory to
+the kernel, and the heap fragments, so the peak grows too: +25-32% for the training data path,
++4% for caching (``bench/memory.py --malloc kept|default``). The ``saelab`` CLI's ``--malloc
+default`` (``SAELAB_MALLOC=default``) leaves glibc's defaults. Numerics are untouched. CUDA
+tensors are not affected (they have their own caching allocator).
 """
 
 from __future__ import annotations
