@@ -12,25 +12,12 @@ Run: ``python bench/topk.py [--threads 2] [--repeats 7]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from train_step import _median_seconds
 
 from saelab.allocator import keep_freed_memory
 from saelab.sae.activations import row_topk
-
-
-def _median_ms(fns: dict[str, object], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -47,7 +34,7 @@ def main() -> None:
     for d_sae, k in [(2048, 32), (4608, 32), (4608, 128), (16384, 32), (16384, 128)]:
         x = torch.randn(args.batch, 768, generator=gen)
         pre = x @ (torch.randn(d_sae, 768, generator=gen) / 768**0.5).t()
-        t = _median_ms(
+        t = _median_seconds(
             {
                 "topk": lambda pre=pre, k=k: pre.topk(k, dim=1, sorted=False),
                 "row": lambda pre=pre, k=k: row_topk(pre, k),
@@ -57,8 +44,8 @@ def main() -> None:
         same = torch.equal(
             row_topk(pre, k)[0].sort(dim=1).values, pre.topk(k, dim=1).values.sort(dim=1).values
         )
-        print(f"{d_sae:>6} {k:>4} {t['topk']:>8.1f} {t['row']:>11.1f} {t['row'] / t['topk']:>6.2f}"
-              f"  {same}")  # fmt: skip
+        print(f"{d_sae:>6} {k:>4} {1e3 * t['topk']:>8.1f} {1e3 * t['row']:>11.1f}"
+              f" {t['row'] / t['topk']:>6.2f}  {same}")  # fmt: skip
 
 
 if __name__ == "__main__":
