@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from saelab.sae import build_sae
-from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
+from saelab.sae.sparse import (
+    SparseCode,
+    gather_pre_acts,
+    offsets_of,
+    sparse_decode,
+    weighted_row_sums,
+)
 from saelab.train import auxk_loss, fvu, train_step
 
 D_IN, D_SAE, K, BATCH = 24, 1024, 4, 64  # d_sae: row_topk takes its two-level path
@@ -109,6 +115,19 @@ def test_gather_pre_acts_gradient_matches_autograd_of_the_formula():
     torch.testing.assert_close(values, pre.detach()[rows, cols])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_weighted_row_sums_equals_the_sparse_matrix_product():
+    """Unsorted output indices, a repeated (out, src) pair and output rows with no entry."""
+    gen = torch.Generator().manual_seed(6)
+    src = torch.randn(7, 5, generator=gen)
+    out_index = torch.tensor([4, 0, 4, 2, 0, 4, 2])
+    src_index = torch.tensor([1, 6, 3, 0, 6, 1, 5])
+    weights = torch.randn(len(out_index), generator=gen)
+    matrix = torch.zeros(6, 7).index_put((out_index, src_index), weights, accumulate=True)
+    got = weighted_row_sums(out_index, src_index, weights, src, 6)
+    torch.testing.assert_close(got, matrix @ src)
+    assert got.is_contiguous() and not got[[1, 3, 5]].any()  # rows with no entry are zero
 
 
 def test_sparse_decode_with_empty_tokens_equals_the_dense_product():
