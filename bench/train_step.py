@@ -9,7 +9,7 @@ ratios survive a noisy, shared machine where absolute times drift:
   straightforward implementation (dense ``[batch, d_sae]`` codes, dense decoder, autograd through
   everything): what the trainer did before the sparse path;
 - ``step``: the trainer's step as the pipeline runs it (sparse path where the variant has one,
-  fused Adam, ``train.autocast: auto`` resolved for this machine).
+  :class:`~saelab.optim.SAEAdam`, ``train.autocast: auto`` resolved for this machine).
 
 Then the Switch SAE's step against dense TopK's of the same total width. ``--dead-fraction``
 marks that share of the latents dead so AuxK has work (0, the default: a healthy SAE, as in the
@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from saelab.allocator import keep_freed_memory
+from saelab.optim import SAEAdam
 from saelab.sae import build_sae
 from saelab.train import autocast_dtype, param_groups, train_step
 
@@ -73,7 +74,8 @@ def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_
     sae = build_sae(variant, d_in, d_sae, k, HPARAMS[variant], gen)
     with torch.no_grad():
         sae.activation.init_from_batch_(sae.encode_pre(x), sae.b_enc)
-    optimizer = torch.optim.Adam(param_groups(sae), lr=1e-4, fused=optimized or None)
+    adam = SAEAdam if optimized else torch.optim.Adam  # the trainer's, or torch's default
+    optimizer = adam(param_groups(sae), lr=1e-4)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[: int(dead_fraction * d_sae)] = True
     kwargs = {"k_aux": d_in // 2, "aux_coef": 1 / 32, "grad_clip": 1.0, "sparse": optimized,

@@ -46,7 +46,7 @@ class TrainerState:
 
     step: completed steps; tokens: tokens trained on; seconds: training time of every attempt
     so far; input_scale: the scale c of the training inputs ``c x``.
-    optimizer: ``torch.optim.Adam.state_dict()``.
+    optimizer: ``SAEAdam.state_dict()`` (:mod:`saelab.optim`).
     loop: the loop's book-keeping (``saelab.train._LoopState.state_dict``).
     rng: ``torch`` (CPU generator state), ``cuda`` (the device's, or None) and ``activation``
         (:meth:`~saelab.sae.activations.SparsityActivation.rng_state`), uint8 tensors.
