@@ -84,15 +84,16 @@ def child_train(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from saelab.allocator import keep_freed_memory
+    from saelab.optim import SAEAdam
     from saelab.sae import build_sae
     from saelab.store import ShuffledBatches, drop_outliers, median_norm
-    from saelab.train import train_step
+    from saelab.train import param_groups, train_step
 
     torch.set_num_threads(args.threads)
     keep_freed_memory(args.malloc == "kept")
     gen = torch.Generator().manual_seed(0)
     sae = build_sae("topk", 576, 4608, 32, {}, gen)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = SAEAdam(param_groups(sae), lr=1e-4)  # the trainer's
     dead = torch.zeros(4608, dtype=torch.bool)
     setup = _status_kib("VmHWM")
     _reset_peak()

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from saelab.optim import SAEAdam
 from saelab.sae import build_sae
 from saelab.store import ShuffledBatches, drop_outliers, median_norm
-from saelab.train import train_step
+from saelab.train import param_groups, train_step
 
 
 def reader_epoch_seconds(
@@ -45,7 +46,7 @@ def make_step(d_in: int, d_sae: int, k: int, batch: int):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d_in, generator=gen)
     sae = build_sae("topk", d_in, d_sae, k, {}, gen)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = SAEAdam(param_groups(sae), lr=1e-4)  # the trainer's
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[: d_sae // 8] = True  # AuxK has work to do, as in a real run
 

@@ -14,7 +14,7 @@ sparsify's default step (its trainer, ``loss_fn: fvu``, ``optimizer: signum``, n
 yet): decoder rows to unit norm, ``SparseCoder.forward`` (fused encoder with sparse encoder
 gradient, eager ``embedding_bag`` decoder on CPU), FVU backward, gradient parallel to the decoder
 rows removed, ``ScheduleFreeWrapper(SignSGD, momentum=0.95)`` step, zero_grad. Ours:
-``saelab.train.train_step`` as the trainer runs it (sparse path, fused Adam, AuxK off with no dead
+``saelab.train.train_step`` as the trainer runs it (sparse path, SAEAdam, AuxK off with no dead
 latents, ``train.autocast: auto``). Both are timed interleaved with one fp32 encoder GEMM of the
 same shape, median of ``--repeats``; printed: each step / GEMM and sparsify / saelab.
 
