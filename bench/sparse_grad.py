@@ -17,14 +17,12 @@ Run: ``python bench/sparse_grad.py [--threads 2] [--repeats 7]``.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
 import torch.nn.functional as F
-from train_step import _median_seconds
+from train_step import _median_seconds, start, step_parser
 
-from saelab.allocator import keep_freed_memory
 from saelab.sae.sparse import SparseCode, offsets_of, sparse_decode, weighted_row_sums
 
 
@@ -62,14 +60,8 @@ def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the saelab CLI runs
+    args = step_parser(__doc__, repeats=7).parse_args()
+    start(args)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}")
     print(f"{'d_in':>5} {'d_sae':>6} {'gradient':<18} {'torch ms':>8} {'saelab ms':>9}"

@@ -11,23 +11,15 @@ Run: ``python bench/topk.py [--threads 2] [--repeats 7]``.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from train_step import _median_seconds
+from train_step import _median_seconds, start, step_parser
 
-from saelab.allocator import keep_freed_memory
 from saelab.sae.activations import row_topk
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the saelab CLI runs
+    args = step_parser(__doc__, repeats=7, k=False).parse_args()
+    start(args)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}")
     print(f"{'d_sae':>6} {'k':>4} {'topk ms':>8} {'row_topk ms':>11} {'ratio':>6}  same values")

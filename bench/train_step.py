@@ -45,6 +45,25 @@ HPARAMS = {
 }  # fmt: skip
 
 
+def step_parser(doc: str, repeats: int, k: bool = True) -> argparse.ArgumentParser:
+    """The options of the step-level benches: ``--threads`` (2, as CI's machine), ``--batch``
+    (4,096 tokens), ``--k`` (32; when ``k``), ``--repeats`` (default ``repeats``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4096)
+    if k:
+        parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def start(args: argparse.Namespace) -> None:
+    """Threads as ``args.threads``; memory as the saelab CLI runs
+    (:func:`saelab.allocator.keep_freed_memory`)."""
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+
+
 def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall seconds of each function, called interleaved ``repeats`` times after one
     warm-up call each (allocations, Adam state)."""
@@ -108,19 +127,14 @@ def bench_shape(args: argparse.Namespace, d_in: int, d_sae: int) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = step_parser(__doc__, repeats=3)
     parser.add_argument("--dead-fraction", type=float, default=0.0)
     parser.add_argument("--no-dense", action="store_true", help="skip the reference step")
     parser.add_argument("--variants", nargs="+", default=list(HPARAMS))
     parser.add_argument("--shapes", nargs="+", default=["576x4608", "768x16384"],
                         help="d_in x d_sae")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the saelab CLI runs (bench/allocator.py: with and without)
+    start(args)  # bench/allocator.py: with and without the allocator setting
     precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "
           f"dead fraction {args.dead_fraction}, default precision here: {precision}")  # fmt: skip

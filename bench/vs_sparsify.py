@@ -23,15 +23,13 @@ Run: ``python bench/vs_sparsify.py --sparsify-path /tmp/sp/src --deps-path /tmp/
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 from pathlib import Path
 
 import torch
-from train_step import _median_seconds, _step_fn, inputs
+from train_step import _median_seconds, _step_fn, inputs, start, step_parser
 
-from saelab.allocator import keep_freed_memory
 from saelab.train import autocast_dtype
 
 
@@ -72,17 +70,12 @@ def _sparsify_step_fn(sc: types.ModuleType, d_in: int, d_sae: int, k: int, x: to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = step_parser(__doc__, repeats=3)
     parser.add_argument("--sparsify-path", type=Path, required=True)
     parser.add_argument("--deps-path", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=["768x16384", "576x4608"])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the saelab CLI runs; sparsify's step gets it too
+    start(args)  # sparsify's step gets the allocator setting too
     sc = _import_sparsify(args.sparsify_path, args.deps_path)
     precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "
