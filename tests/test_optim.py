@@ -77,3 +77,22 @@ def test_zero_grad_clears_the_original_parameters_gradients():
     assert not sae.W_enc.grad.any()
     optimizer.zero_grad()
     assert sae.W_enc.grad is None and alias.grad is None
+
+
+def test_a_closure_gradients_reach_the_aliases():
+    """step(closure): the closure's backward fills W_enc.grad; the aliased update sees it."""
+    results = {}
+    for cls in (torch.optim.Adam, SAEAdam):
+        sae, x, _ = _sae_and_batch("topk")
+        optimizer = cls(param_groups(sae), lr=1e-2, fused=True)
+
+        def closure(sae=sae, optimizer=optimizer, x=x):
+            optimizer.zero_grad()
+            loss = (sae(x).recon - x).square().mean()
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(closure)
+        results[cls] = (loss.item(), sae.W_enc.detach().clone())
+    assert results[SAEAdam][0] == results[torch.optim.Adam][0]
+    assert torch.equal(results[SAEAdam][1], results[torch.optim.Adam][1])

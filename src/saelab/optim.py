@@ -11,7 +11,7 @@ with the gradient's matching view gives bit-identical parameters (``tests/test_o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -64,13 +64,19 @@ class SAEAdam(torch.optim.Adam):
                 param.grad.zero_()
         super().zero_grad(set_to_none)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Adam step; each alias's gradient is ``param.grad.t()`` (copied only when not
-        contiguous)."""
-        for param, alias in self._aliases:
-            alias.grad = None if param.grad is None else param.grad.t().contiguous()
-        return super().step(closure)
+        contiguous). ``closure`` (optional, as Adam's: recomputes the loss and its gradients)
+        runs first, so the aliases get the gradients it leaves; returns its loss, or None."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for param, alias in self._aliases:
+                alias.grad = None if param.grad is None else param.grad.t().contiguous()
+        super().step()
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As Adam's; an aliased parameter's state saved in the parameter's own shape (by
