@@ -4,7 +4,7 @@ torch's fused CPU Adam (one kernel over all parameters, ~7x faster than the defa
 implementation on CPU) works on contiguous memory: a parameter that is not contiguous is
 copied out and back on every step. ``W_enc [d_in, d_sae]`` is stored column-major (it starts
 as ``W_dec.T.clone()``, and the sparse path's gradient has that layout too), so at d_in 768,
-d_sae 16,384 that copy took ~30 ms of a ~40 ms optimizer step (``bench/optim.py``). Adam is
+d_sae 16,384 that copy took 23-33 ms of a 42-52 ms optimizer step (``bench/optim.py``). Adam is
 elementwise, so running it on the contiguous ``[d_sae, d_in]`` view ``W_enc.t()`` (same memory)
 with the gradient's matching view gives bit-identical parameters (``tests/test_optim.py``).
 """
