@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from train_step import _median_seconds
+from train_step import _median_seconds, start
 
-from saelab.allocator import keep_freed_memory
 from saelab.optim import SAEAdam
 from saelab.sae import build_sae
 from saelab.train import param_groups
@@ -38,8 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the saelab CLI runs
+    start(args)
     print(f"torch {torch.__version__}, {args.threads} threads")
     print(f"{'d_in':>5} {'d_sae':>6} {'Adam ms':>8} {'SAEAdam ms':>10} {'ratio':>6}  same")
     for d_in, d_sae in [(576, 4608), (768, 16384)]:
