@@ -73,14 +73,18 @@ def llama_run(tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_pa
                 "train", "--params", params, "--variant", v,
                 "--activations", "data/activations", "--out", f"models/{v}",
             )  # fmt: skip
+        run_cli("baseline", "--params", params, "--tokens", "data/tokens",
+                "--activations", "data/activations", "--out", "data/baseline")  # fmt: skip
         for v in VARIANTS:
             run_cli(
                 "evaluate", "--params", params, "--variant", v, "--tokens", "data/tokens",
-                "--activations", "data/activations", "--sae", f"models/{v}",
-                "--out", f"metrics/{v}.json", "--hist", f"plots/hist/{v}.json",
+                "--activations", "data/activations", "--baseline", "data/baseline",
+                "--sae", f"models/{v}", "--out", f"metrics/{v}.json",
+                "--hist", f"plots/hist/{v}.json", "--per-context", f"data/per_context/{v}.npz",
             )  # fmt: skip
         run_cli("summarize", "--params", params, "--metrics", "metrics", "--hist", "plots/hist",
-                "--out", "metrics/summary.json", "--plots", "plots")  # fmt: skip
+                "--per-context", "data/per_context", "--out", "metrics/summary.json",
+                "--plots", "plots")  # fmt: skip
     return root
 
 
@@ -120,7 +124,8 @@ def _check_stores(root: Path, hookpoint: str) -> dict[str, ActivationStore]:
         assert store.attrs["ctx_len"] == CTX_LEN
         assert store.attrs["d_in"] == D_IN
         assert store.attrs["n_tokens"] == min(n_ctx, limits[split] // CTX_LEN) * CTX_LEN
-        assert store.attrs["dtype"] == params["cache"]["store_dtype"]
+        dtype_key = "store_dtype" if split == "train" else "eval_store_dtype"
+        assert store.attrs["dtype"] == params["cache"][dtype_key]
         stores[split] = store
     return stores
 
@@ -201,7 +206,8 @@ def test_new_variants_train_with_their_params_and_evaluate(
     sae = SparseAutoencoder.load(tmp_path / "sae")
     assert sae.activation.hparams() == params["variant_params"][variant]
     run_cli("evaluate", "--params", path, "--variant", variant, "--tokens", data / "tokens",
-            "--activations", data / "activations", "--sae", "sae", "--out", "m.json")  # fmt: skip
+            "--activations", data / "activations", "--baseline", data / "baseline",
+            "--sae", "sae", "--out", "m.json")  # fmt: skip
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("ce_spliced", "ce_loss_recovered", "fvu", "l0"):
         assert math.isfinite(metrics[key]), key
@@ -242,10 +248,16 @@ def test_summarize_writes_summary_plots_and_finishes_the_parent_run(llama_run: P
     from mlflow import MlflowClient
 
     summary = json.loads((llama_run / "metrics" / "summary.json").read_text())
-    assert sorted(summary) == sorted(VARIANTS)
+    assert sorted(summary) == sorted([*VARIANTS, "paired"])
+    assert len(summary["paired"]) == len(VARIANTS) * (len(VARIANTS) - 1) // 2
+    for row in summary["paired"].values():
+        assert row["delta_ce_diff_ci_low"] <= row["delta_ce_diff"] <= row["delta_ce_diff_ci_high"]
     for v in VARIANTS:
         metrics = json.loads((llama_run / "metrics" / f"{v}.json").read_text())
         assert summary[v]["fvu"] == metrics["fvu"] and summary[v]["kl_div"] == metrics["kl_div"]
+    for pair, row in summary["paired"].items():  # "<a>-<b>": a − b on the same contexts
+        a, b = pair.split("-")
+        assert row["fvu_diff"] == pytest.approx(summary[a]["fvu"] - summary[b]["fvu"], rel=1e-9)
     pareto = json.loads((llama_run / "plots" / "pareto.json").read_text())
     assert sorted(r["variant"] for r in pareto) == sorted(VARIANTS)
     assert len(list((llama_run / "plots" / "png").glob("*.png"))) == 4
@@ -417,9 +429,9 @@ def test_prepare_stage_script_prints_one_line(tmp_path, llama_params, key, value
     assert sorted(os.listdir(tmp_path)) == before
 
 
-@pytest.mark.parametrize("stage", ["cache", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["cache", "train", "baseline", "evaluate"])
 def test_later_stages_reject_bad_params_before_work(tmp_path, llama_params, capsys, stage) -> None:
-    """cache, train and evaluate also check params first: k=0 exits non-zero with one line
+    """cache, train, baseline and evaluate also check params first: k=0 exits non-zero with one line
     naming k, and neither their output nor an MLflow store appears."""
     params = _bad_params(tmp_path, llama_params, "k", 0)
     inputs = tmp_path / "inputs"  # empty: only their existence is checked before params
@@ -427,8 +439,9 @@ def test_later_stages_reject_bad_params_before_work(tmp_path, llama_params, caps
     args = {
         "cache": ["--tokens", inputs, "--out", tmp_path / "out"],
         "train": ["--variant", "topk", "--activations", inputs, "--out", tmp_path / "out"],
+        "baseline": ["--tokens", inputs, "--activations", inputs, "--out", tmp_path / "out"],
         "evaluate": ["--variant", "topk", "--tokens", inputs, "--activations", inputs,
-                     "--sae", inputs, "--out", tmp_path / "out.json"],
+                     "--baseline", inputs, "--sae", inputs, "--out", tmp_path / "out.json"],
     }[stage]  # fmt: skip
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as exit_info:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -91,3 +92,35 @@ def test_plot_files_are_summarize_outputs(name: str) -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["summarize"]
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
     assert f"plots/{name}" in outs
+
+
+def _sums(ce_spliced, sq_err, rng) -> dict:
+    """Per-context sums of 50 contexts of 10 predictions / tokens each, shared clean CE and
+    activations, given spliced CE and squared errors per context."""
+    n = len(ce_spliced)
+    return {
+        "ce_clean": np.full(n, 30.0), "ce_spliced": ce_spliced, "kl_div": ce_spliced - 30.0,
+        "n_pred": np.full(n, 10.0), "sq_err": sq_err, "sq_norm": np.full(n, 100.0),
+        "n_tok": np.full(n, 10.0), "x_sum": rng.normal(size=(n, 3)),
+    }  # fmt: skip
+
+
+def test_paired_differences_known_answers() -> None:
+    """b's spliced CE is a's + 0.2 per prediction on every context (2 per context of 10) while
+    contexts vary a lot: the paired ΔCE difference a − b is −0.2 with a zero-width interval; FVU
+    differs by a's and b's squared errors only (same x), so its difference is exact too."""
+    from saelab.summarize import paired_differences
+
+    rng = np.random.default_rng(0)
+    ce = rng.normal(40.0, 5.0, 50)
+    err = rng.uniform(1.0, 5.0, 50)
+    a, b = _sums(ce, err, rng), _sums(ce + 2.0, err * 2, rng)
+    b["x_sum"] = a["x_sum"]
+    out = paired_differences({"a": a, "b": b}, n_resamples=200, seed=0)
+    row = out["a-b"]
+    assert row["delta_ce_diff"] == pytest.approx(-0.2)
+    assert row["delta_ce_diff_ci_low"] == pytest.approx(-0.2)
+    assert row["delta_ce_diff_ci_high"] == pytest.approx(-0.2)
+    assert row["fvu_diff"] < 0 and row["fvu_diff_ci_high"] < 0  # b's errors are twice a's
+    with pytest.raises(ValueError, match="different contexts"):
+        paired_differences({"a": a, "c": _sums(ce[:10], err[:10], rng)}, 200, 0)

@@ -19,12 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def cache_split(
-    model: nn.Module, cfg: PipelineConfig, contexts: np.ndarray, out: Path, source: str
+    model: nn.Module,
+    cfg: PipelineConfig,
+    contexts: np.ndarray,
+    out: Path,
+    source: str,
+    store_dtype: str | None = None,
 ) -> None:
     """Run the truncated forward over ``contexts`` and write ``[n_ctx * ctx_len, d_in]``
     activations (all positions, position 0 included; readers drop it) to the store ``out``.
 
-    contexts: [n_ctx, ctx_len] int32 token ids. Written atomically by :class:`ActivationWriter`;
+    contexts: [n_ctx, ctx_len] int32 token ids. store_dtype: the stored dtype (None:
+    ``cfg.cache.store_dtype``). Written atomically by :class:`ActivationWriter`;
     attrs record the model, hookpoint, ctx_len, the token array it came from and tokens/s.
     """
     n_ctx, ctx_len = contexts.shape
@@ -41,7 +47,7 @@ def cache_split(
     batch = cfg.cache.batch_size
     start = time.perf_counter()
     with ActivationWriter(
-        out, n_ctx * ctx_len, d_in, cfg.cache.store_dtype, cfg.cache.codec,
+        out, n_ctx * ctx_len, d_in, store_dtype or cfg.cache.store_dtype, cfg.cache.codec,
         cfg.cache.codec_level, cfg.cache.chunk_tokens, attrs,
     ) as writer, tqdm(total=n_ctx * ctx_len, desc=f"cache {out.name}", unit="tok",
                       unit_scale=True) as bar:  # fmt: skip

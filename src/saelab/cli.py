@@ -111,12 +111,16 @@ def cache(params_path: str, tokens: str, out: str) -> None:
 
     cfg = load_params(params_path)
     model = load_model(cfg.model, resolve_device(cfg.model.device))
-    limits = {"train": cfg.cache.max_train_tokens, "eval": cfg.cache.max_eval_tokens}
+    splits = {
+        "train": (cfg.cache.max_train_tokens, cfg.cache.store_dtype),
+        "eval": (cfg.cache.max_eval_tokens, cfg.cache.eval_store_dtype),
+    }
     with atomic_dir(out) as tmp:
-        for split, max_tokens in limits.items():
+        for split, (max_tokens, dtype) in splits.items():
             contexts = read_tokens(tokens, split)
-            n_ctx = min(len(contexts), max_tokens // contexts.shape[1])
-            cache_split(model, cfg, contexts[:n_ctx], tmp / split, source=f"{tokens}:{split}")
+            if max_tokens is not None:
+                contexts = contexts[: max_tokens // contexts.shape[1]]
+            cache_split(model, cfg, contexts, tmp / split, f"{tokens}:{split}", dtype)
 
 
 @cli.command()
@@ -182,13 +186,13 @@ def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, s
 def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
     """The seeded stream of shuffled training batches (sinks dropped) and the norm above which
     a token counts as a sink (None: no norm cut)."""
-    from saelab.store import ShuffledBatches, drop_outliers, median_norm
+    from saelab.store import ShuffledBatches, drop_outliers, sink_norm
 
     exclude = cfg.sae.exclude_first_position
-    max_norm = None
-    if cfg.sae.exclude_norm_factor is not None:
-        median = median_norm(store.path, cfg.train.scale_tokens, exclude_first_position=exclude)
-        max_norm = cfg.sae.exclude_norm_factor * median
+    max_norm = sink_norm(
+        store.path, cfg.sae.exclude_norm_factor, cfg.train.scale_tokens,
+        exclude_first_position=exclude,
+    )  # fmt: skip
     batches = drop_outliers(
         ShuffledBatches(
             store.path, cfg.train.batch_size, exclude_first_position=exclude,
@@ -214,27 +218,57 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
 
 @cli.command()
 @PARAMS
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="baseline dir")
+def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
+    """Clean and ablated CE and the clean LM-head inputs of the eval contexts, shared by every
+    SAE's evaluation (saelab.baseline)."""
+    from saelab.baseline import run_baseline_stage
+
+    cfg = load_params(params_path)
+    attrs = run_baseline_stage(cfg, Path(tokens), Path(activations), Path(out))
+    log.info("baseline: %s", json.dumps(attrs["checks"]))
+
+
+@cli.command()
+@PARAMS
 @VARIANT
 @click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--baseline",
+    "baseline_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="the baseline stage's output",
+)
 @click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
 @click.option(
-    "--hist", default=None, type=click.Path(dir_okay=False),
+    "--hist",
+    default=None,
+    type=click.Path(dir_okay=False),
     help="histograms JSON (per-token L0, feature density); default: none written",
+)
+@click.option(
+    "--per-context", default=None, type=click.Path(dir_okay=False),
+    help="per-context sums (.npz) for paired comparisons in the summary; default: none written",
 )  # fmt: skip
 def evaluate(
     params_path: str,
     variant: str,
     tokens: str,
     activations: str,
+    baseline_dir: str,
     sae_dir: str,
     out: str,
     hist: str | None,
+    per_context: str | None,
 ) -> None:
-    """Reconstruction and sparsity on the eval activations, spliced CE/KL on eval contexts."""
+    """Reconstruction, sparsity and spliced CE/KL with 95% intervals on the eval contexts."""
     from saelab.evaluate import run_evaluation
-    from saelab.tracking import mlflow_run, tracking_uri, write_json_atomic
+    from saelab.tracking import mlflow_run, tracking_uri, write_json_atomic, write_npz_atomic
 
     cfg = load_params(params_path)
     sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
@@ -245,11 +279,15 @@ def evaluate(
     run_id = metadata.get("mlflow_run_id")
     tags = _nested_run_tags(cfg, uri, variant)  # used when run_id is not in the store
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
-        metrics, histograms = run_evaluation(cfg, Path(sae_dir), Path(tokens), Path(activations))
+        metrics, histograms, sums = run_evaluation(
+            cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
+        )
         metrics.update({f"train_{k}": v for k, v in metadata["train_summary"].items()})
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         if hist is not None:
             write_json_atomic(hist, {"variant": variant, "k": cfg.k, **histograms})
+        if per_context is not None:
+            write_npz_atomic(per_context, sums)
         write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
 
@@ -270,6 +308,10 @@ def evaluate(
     type=click.Path(exists=True, file_okay=False),
     help="directory of the evaluate stage's <variant>.json histograms",
 )
+@click.option(
+    "--per-context", "per_context_dir", default=None, type=click.Path(exists=True, file_okay=False),
+    help="directory of the evaluate stage's <variant>.npz per-context sums: paired comparisons",
+)  # fmt: skip
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="summary JSON")
 @click.option(
     "--plots",
@@ -278,11 +320,18 @@ def evaluate(
     type=click.Path(file_okay=False),
     help="directory for the plot data (pareto, l0_hist, density_hist) and png/",
 )
-def summarize(params_path: str, metrics_dir: str, hist_dir: str, out: str, plots_dir: str) -> None:
+def summarize(
+    params_path: str,
+    metrics_dir: str,
+    hist_dir: str,
+    per_context_dir: str | None,
+    out: str,
+    plots_dir: str,
+) -> None:
     """Compare the variants of params' ``variants``: summary JSON, DVC plot data, PNG plots;
     all logged to the pipeline's MLflow parent run, which this finishes."""
     from saelab.store import atomic_dir
-    from saelab.summarize import PLOT_FILES, comparison, render_pngs
+    from saelab.summarize import PLOT_FILES, comparison, paired_differences, render_pngs
     from saelab.tracking import (
         flatten,
         mlflow_run,
@@ -298,6 +347,11 @@ def summarize(params_path: str, metrics_dir: str, hist_dir: str, out: str, plots
         write_json_atomic(Path(plots_dir) / name, data[name])
     with atomic_dir(Path(plots_dir) / "png") as tmp:
         render_pngs(data, tmp)
+    if per_context_dir is not None:
+        sums = {v: _npz(Path(per_context_dir) / f"{v}.npz") for v in cfg.variants}
+        data["summary"]["paired"] = paired_differences(
+            sums, cfg.evaluate.n_bootstrap, cfg.evaluate.bootstrap_seed
+        )
     write_json_atomic(out, data["summary"])
     uri = tracking_uri(cfg.tracking.tracking_uri)
     digest = params_hash(dataclasses.asdict(cfg))
@@ -305,11 +359,27 @@ def summarize(params_path: str, metrics_dir: str, hist_dir: str, out: str, plots
     with mlflow_run(cfg.tracking.experiment, uri, "pipeline", {}, parent) as tracker:
         tracker.log_params(flatten(dataclasses.asdict(cfg)))
         tracker.log_metrics(
-            {f"{v}/{k}": x for v, row in data["summary"].items() for k, x in row.items()}
+            {f"{v}/{k}": x for v, row in data["summary"].items() for k, x in _flat(row)}
         )
         tracker.log_artifacts(Path(plots_dir) / "png", "plots")
         tracker.log_artifacts(Path(out).parent, "metrics")
     log.info("summary of %s written to %s", ", ".join(cfg.variants), out)
+
+
+def _npz(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _flat(row: dict, prefix: str = ""):
+    """(key, number) pairs of a summary row; nested rows (``paired``) as ``<pair>/<key>``."""
+    for key, value in row.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:

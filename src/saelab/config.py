@@ -112,25 +112,40 @@ class CacheConfig:
     """cache stage: activations at the hookpoint -> zarr.
 
     max_train_tokens / max_eval_tokens: tokens cached per split (position 0 of every context
-        included; it is dropped when reading), rounded down to whole contexts.
+        included; it is dropped when reading), rounded down to whole contexts; max_eval_tokens
+        None: the whole eval split.
     batch_size: contexts per forward pass.
-    store_dtype: bfloat16 is stored as its uint16 bit pattern (zarr 3 has no bfloat16).
+    store_dtype: of the train split; bfloat16 is stored as its uint16 bit pattern (zarr 3 has
+        no bfloat16).
+    eval_store_dtype: of the eval split. float32 by default: the spliced evaluation runs the
+        model's suffix from it, and must give the clean CE of a full forward (the baseline stage
+        checks it); bf16 rounding would move the clean CE itself.
     chunk_tokens: tokens per zarr chunk (a multiple of ctx_len keeps contexts whole).
     """
 
     max_train_tokens: int
-    max_eval_tokens: int
+    max_eval_tokens: int | None
     batch_size: int
     store_dtype: str
+    eval_store_dtype: str
     codec: str
     codec_level: int
     chunk_tokens: int
 
     def validate(self) -> None:
         _require(self.max_train_tokens > 0, "cache.max_train_tokens", "an integer > 0")
-        _require(self.max_eval_tokens > 0, "cache.max_eval_tokens", "an integer > 0")
+        _require(
+            self.max_eval_tokens is None or self.max_eval_tokens > 0,
+            "cache.max_eval_tokens",
+            "null (the whole eval split) or an integer > 0",
+        )
         _require(self.batch_size > 0, "cache.batch_size", "an integer > 0")
         _require(self.store_dtype in DTYPES, "cache.store_dtype", f"one of {', '.join(DTYPES)}")
+        _require(
+            self.eval_store_dtype in DTYPES,
+            "cache.eval_store_dtype",
+            f"one of {', '.join(DTYPES)}",
+        )
         _require(self.codec in CODECS, "cache.codec", f"one of {', '.join(CODECS)}")
         _require(0 <= self.codec_level <= 22, "cache.codec_level", "an integer in [0, 22]")
         _require(self.chunk_tokens >= 1024, "cache.chunk_tokens", "an integer >= 1024")
@@ -367,18 +382,23 @@ class VariantParams:
 class EvalConfig:
     """evaluate stage.
 
-    n_ctx: eval contexts used for the spliced CE/KL (the reconstruction metrics use every cached
-        eval token).
-    batch_size: contexts per forward pass; reconstruction batches are ``batch_size * ctx_len``
-        tokens.
+    n_ctx: eval contexts evaluated (the first n_ctx cached ones), or None: every cached one.
+    batch_size: contexts per forward pass.
+    n_bootstrap, bootstrap_seed: resamples and seed of the bootstrap intervals over contexts
+        (:mod:`saelab.stats`); one seed for every SAE, so that comparisons are paired.
     """
 
-    n_ctx: int
+    n_ctx: int | None
     batch_size: int
+    n_bootstrap: int
+    bootstrap_seed: int
 
     def validate(self) -> None:
-        _require(self.n_ctx > 0, "evaluate.n_ctx", "an integer > 0")
+        _require(
+            self.n_ctx is None or self.n_ctx > 0, "evaluate.n_ctx", "null (all) or an integer > 0"
+        )
         _require(self.batch_size > 0, "evaluate.batch_size", "an integer > 0")
+        _require(self.n_bootstrap >= 100, "evaluate.n_bootstrap", "an integer >= 100")
 
 
 @dataclass(frozen=True)
@@ -424,7 +444,7 @@ class PipelineConfig:
         )
         for key in ("max_train_tokens", "max_eval_tokens"):
             _require(
-                getattr(self.cache, key) >= self.data.ctx_len,
+                getattr(self.cache, key) is None or getattr(self.cache, key) >= self.data.ctx_len,
                 f"cache.{key}",
                 f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
             )

@@ -2,12 +2,19 @@
 downstream loss with the SAE spliced into the language model. This docstring is the one place
 where every metric of ``metrics/<variant>.json`` and ``plots/hist/<variant>.json`` is defined.
 
-The eval split is fixed: every token of the cached eval activations (``data/activations/eval``,
-held-out documents, see ``prepare``) for reconstruction and sparsity, and the first
-``evaluate.n_ctx`` eval contexts for the downstream loss. Sums run over every evaluated token t
-(N of them), position 0 and tokens with norm above the SAE's ``max_norm`` excluded (attention
-sinks, see ``SAEConfig``); ``x_t`` is the raw activation [d_in], ``x̂_t`` the reconstruction,
-``f_t`` the latent code [d_sae], ``x̄ = Σ_t x_t / N``. Expectations E are means over t.
+The eval split is fixed: the first ``evaluate.n_ctx`` contexts of the cached eval activations
+(``data/activations/eval``, held-out documents, see ``prepare``; null: all of them, the
+default), for every metric. Sums run over every evaluated token t (N of them), position 0 and
+tokens with norm above the SAE's ``max_norm`` excluded (attention sinks, see ``SAEConfig``);
+``x_t`` is the raw activation [d_in], ``x̂_t`` the reconstruction, ``f_t`` the latent code
+[d_sae], ``x̄ = Σ_t x_t / N``. Expectations E are means over t.
+
+Intervals: ``<m>_ci_low`` / ``<m>_ci_high`` are the 95% percentile bootstrap interval of metric m
+over eval contexts (a cluster bootstrap: contexts, not tokens, are resampled, with
+``evaluate.n_bootstrap`` resamples and one ``evaluate.bootstrap_seed`` for every SAE, so that the
+summary's comparisons are paired; :mod:`saelab.stats`), for ``ce_clean``, ``ce_spliced``,
+``delta_ce``, ``kl_div``, ``ce_loss_recovered``, ``ce_loss_recovered_mean``,
+``delta_ce_all_spliced``, ``fvu`` and ``nmse``.
 
 Reconstruction (dimensionless unless stated):
 
@@ -27,9 +34,11 @@ Sparsity (per-token L0 ``L0_t = #{i : f_ti > 0}``, in latents; firing frequency 
 ``ρ_i = #{t : f_ti > 0} / N``):
 
 - ``l0`` = E_t L0_t; ``l0_p10``, ``l0_p50``, ``l0_p90``, ``l0_p99``: quantiles of L0_t
-  (linear interpolation, ``torch.quantile``). For BatchTopK and Sampled these use the inference
-  rule (global threshold θ); ``l0_batch_mode`` is the training rule's L0 at the training batch
-  size (k by construction) and ``threshold`` is θ.
+  (linear interpolation, ``torch.quantile``); ``l0_min``, ``l0_max``: its range. For BatchTopK
+  and Sampled these use the inference rule (global threshold θ); ``l0_batch_mode`` and
+  ``fvu_train_rule`` are the training rule's L0 (k by construction) and FVU at the training
+  batch size (the function the SAE was trained as; the deployed one is the threshold), over every
+  cached eval token, and ``threshold`` is θ.
 - ``dead_fraction`` = fraction of latents with ρ_i = 0 (never fired on the eval split);
   ``dense_fraction`` = fraction with ρ_i > 0.1 (DENSE_FREQUENCY; "dense latents" fire on more
   than 10% of tokens).
@@ -46,12 +55,21 @@ clean activation in every replaced pass:
 
 - ``ce_clean`` (model as is), ``ce_spliced`` (the SAE's reconstruction replaces the activation
   at the hookpoint), ``ce_zero_ablated`` (replaced by zeros), ``ce_mean_ablated`` (replaced by
-  x̄, the mean activation over the eval split's reconstruction tokens, computed once).
+  x̄, the mean activation over the evaluated reconstruction tokens). The clean and ablated CE
+  and the clean logits come from the baseline stage (:mod:`saelab.baseline`), computed once for
+  all SAEs from the same cached activations; each SAE's evaluation runs only its spliced suffix
+  and the LM head.
+- ``delta_ce_all_spliced``: ΔCE with every position but 0 spliced, sinks included (what a user
+  who spares only position 0, as SAELens does by default, would measure);
+  ``excluded_token_fraction``: the fraction of evaluated tokens (every position) left clean
+  (position 0 and sinks); ``sink_token_fraction``: the fraction of positions past 0 left clean
+  by the norm rule.
 - ``ce_loss_recovered`` = (ce_zero_ablated − ce_spliced) / (ce_zero_ablated − ce_clean)
   (SAELens's zero-ablation variant); ``ce_loss_recovered_mean`` the same against
   ``ce_mean_ablated`` (the BatchTopK paper's repository); ``delta_ce`` = ce_spliced − ce_clean
   (nats/token; Bussmann et al. 2024's "CE degradation"); ``kl_div`` = E_t KL(p_clean ‖
-  p_spliced) in nats/token.
+  p_spliced) in nats/token; ``ce_n_tokens`` and ``ce_n_contexts``: predictions and contexts
+  evaluated.
 - Switch SAEs: ``expert_load_max`` / ``expert_load_min`` (fractions of the eval tokens routed to
   the busiest / idlest expert) and ``experts_unused``.
 """
@@ -61,20 +79,33 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from saelab import stats
+from saelab.baseline import (
+    Baseline,
+    check_cache,
+    eval_contexts,
+    load_baseline,
+    read_contexts,
+    token_losses,
+)
 from saelab.capture import Replacement, splice_fn
-from saelab.config import ModelConfig, PipelineConfig
+from saelab.config import ConfigError, ModelConfig, PipelineConfig
 from saelab.sae import SwitchSAE, load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
-from saelab.splice import clean_forward, run_suffix
+from saelab.splice import SuffixRunner, clean_forward, run_suffix
+from saelab.store import ActivationStore
+
+_token_losses = token_losses  # the name bench/evaluate.py imports
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +234,6 @@ def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[Tensor]) ->
     return accumulate(sae, batches).metrics()
 
 
-def _token_losses(logits: Tensor, input_ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """Per-token CE [batch, seq−1−start] and log-probs [batch, seq−1−start, vocab] (float32) of
-    the predictions made at positions start..seq−2."""
-    logp = F.log_softmax(logits[:, start:-1].float(), dim=-1)
-    targets = input_ids[:, start + 1 :]
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp
-
-
 @torch.inference_mode()
 def downstream_metrics(
     model: nn.Module,
@@ -293,59 +316,277 @@ def expert_load(sae: SwitchSAE, batches: Iterable[Tensor]) -> dict[str, float]:
 def batch_mode_l0(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> float:
     """Mean L0 with the activation in training mode (for BatchTopK: batch-level top-k, so this is
     k by construction at the training batch size); restores eval mode afterwards."""
+    return train_rule_metrics(sae, batches)["l0_batch_mode"]
+
+
+@torch.no_grad()
+def train_rule_metrics(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str, float]:
+    """``l0_batch_mode`` and ``fvu_train_rule``: L0 and FVU of the function the SAE was trained
+    as, its activation in training mode (BatchTopK, Sampled: the batch-level selection over
+    ``batches``, which should be training-sized), next to the deployed inference rule (the
+    global threshold θ) that every other metric uses. Restores eval mode afterwards."""
     sae.activation.train()
     try:
-        total = n = 0
+        stats = ReconstructionStats(sae.d_sae)
         for x in batches:
-            total += (sae.encode(x) > 0).sum().item()
-            n += x.shape[0]
+            out = sae(x)
+            stats.update(x, out.recon, out.acts)
     finally:
         sae.activation.eval()
-    return total / n
+    m = stats.metrics()
+    return {"l0_batch_mode": m["l0"], "fvu_train_rule": m["fvu"]}
+
+
+# --------------------------------------------------------------------------- from the baseline
+
+# Per-context sums saved by the evaluate stage (data/per_context/<variant>.npz) and resampled by
+# the bootstrap (saelab.stats): each [n_ctx] float64, x_sum [n_ctx, d_in].
+CE_SUMS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "kl_div",
+           "ce_all_spliced", "n_pred")  # fmt: skip
+RECON_SUMS = ("sq_err", "sq_norm", "n_tok", "x_sum")
+
+
+class ContextSums:
+    """Per-context sums of the spliced pass and of the reconstruction, for ``n_ctx`` contexts of
+    ``d_in``-dimensional activations (float64 numpy arrays, see CE_SUMS and RECON_SUMS)."""
+
+    def __init__(self, n_ctx: int, d_in: int) -> None:
+        self.sums = {key: np.zeros(n_ctx) for key in (*CE_SUMS, *RECON_SUMS[:-1])}
+        self.sums["x_sum"] = np.zeros((n_ctx, d_in))
+
+    def add_recon(self, first: int, x: Tensor, recon: Tensor, use: Tensor) -> None:
+        """x, recon [batch, seq, d_in] float32 of contexts first..first+batch−1; use [batch, seq]
+        bool: the reconstruction tokens (not spared)."""
+        mask = use.double()
+        err = (x - recon).double().pow(2).sum(-1) * mask
+        rows = slice(first, first + len(x))
+        self.sums["sq_err"][rows] += err.sum(-1).cpu().numpy()
+        self.sums["sq_norm"][rows] += (x.double().pow(2).sum(-1) * mask).sum(-1).cpu().numpy()
+        self.sums["n_tok"][rows] += mask.sum(-1).cpu().numpy()
+        self.sums["x_sum"][rows] += (x.double() * mask[..., None]).sum(1).cpu().numpy()
+
+    def add_ce(self, first: int, **per_token: Tensor) -> None:
+        """Per-prediction values [batch, n_pred] (nats) of contexts first..first+batch−1."""
+        for key, value in per_token.items():
+            self.sums[key][first : first + len(value)] += value.double().sum(-1).cpu().numpy()
+
+
+def _fvu(s: stats.Sums) -> np.ndarray:
+    # Σ||x − x̄||² = Σ||x||² − ||Σx||² / N
+    return s["sq_err"] / (s["sq_norm"] - (s["x_sum"] ** 2).sum(-1) / s["n_tok"])
+
+
+def _recovered(ablated: str) -> stats.Statistic:
+    return lambda s: (s[ablated] - s["ce_spliced"]) / (s[ablated] - s["ce_clean"])
+
+
+# metric -> statistic of the per-context sums (definitions: module docstring)
+STATISTICS: dict[str, stats.Statistic] = {
+    "ce_clean": stats.ratio("ce_clean", "n_pred"),
+    "ce_spliced": stats.ratio("ce_spliced", "n_pred"),
+    "ce_zero_ablated": stats.ratio("ce_zero_ablated", "n_pred"),
+    "ce_mean_ablated": stats.ratio("ce_mean_ablated", "n_pred"),
+    "delta_ce": lambda s: (s["ce_spliced"] - s["ce_clean"]) / s["n_pred"],
+    "kl_div": stats.ratio("kl_div", "n_pred"),
+    "ce_loss_recovered": _recovered("ce_zero_ablated"),
+    "ce_loss_recovered_mean": _recovered("ce_mean_ablated"),
+    "delta_ce_all_spliced": lambda s: (s["ce_all_spliced"] - s["ce_clean"]) / s["n_pred"],
+    "fvu": _fvu,
+    "nmse": stats.ratio("sq_err", "sq_norm"),
+}
+WITH_INTERVAL = ("ce_clean", "ce_spliced", "delta_ce", "kl_div", "ce_loss_recovered",
+                 "ce_loss_recovered_mean", "delta_ce_all_spliced", "fvu", "nmse")  # fmt: skip
+
+
+def interval_metrics(
+    per_context: dict[str, np.ndarray], n_resamples: int, seed: int
+) -> dict[str, float]:
+    """Every statistic of STATISTICS from the per-context sums, and ``<m>_ci_low`` /
+    ``<m>_ci_high`` (95% percentile bootstrap over contexts, :mod:`saelab.stats`) for the
+    metrics of WITH_INTERVAL. The same seed and context count give the same resamples, so two
+    SAEs evaluated on one baseline are paired."""
+    counts = stats.bootstrap_counts(len(per_context["n_pred"]), n_resamples, seed)
+    out: dict[str, float] = {}
+    for key, statistic in STATISTICS.items():
+        if key in WITH_INTERVAL:
+            out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = stats.interval(
+                statistic, per_context, counts
+            )
+        else:
+            out[key] = float(statistic(stats.point_sums(per_context))[0])
+    return out
+
+
+@dataclass(frozen=True)
+class SplicedInputs:
+    """What the spliced pass reads: the eval contexts [n, ctx_len] int64, the cached eval
+    activations, the baseline, and the contexts per forward."""
+
+    contexts: np.ndarray
+    store: ActivationStore
+    baseline: Baseline
+    batch_size: int
+
+
+@torch.inference_mode()
+def spliced_pass(
+    sae: SparseAutoencoder, model: nn.Module, model_cfg: ModelConfig, inputs: SplicedInputs
+) -> tuple[ContextSums, ReconstructionStats]:
+    """The SAE-dependent part of evaluation, one pass over the eval contexts.
+
+    For each batch: the cached activations x [batch, seq, d_in]; the SAE's reconstruction of the
+    tokens the baseline does not spare; the suffix after the hookpoint on the spliced residual
+    stream (CE per prediction), the clean logits from the baseline's LM-head inputs (KL); and,
+    only for contexts with a spared token past position 0 (a sink), the suffix with every
+    position but 0 spliced (``ce_all_spliced``; elsewhere it equals ``ce_spliced``). Cost per
+    SAE: one suffix and one LM head per batch, plus the runner's clean forwards (two batches).
+    """
+    base = inputs.baseline
+    n, start = len(inputs.contexts), base.attrs["start"]
+    device = next(model.parameters()).device
+    runner, sums = SuffixRunner(model, model_cfg), ContextSums(n, inputs.store.d_in)
+    recon_stats = ReconstructionStats(sae.d_sae)
+    spared_all = torch.from_numpy(base.arrays["spared"])
+    for i in tqdm(range(0, n, inputs.batch_size), desc="spliced CE", unit="batch"):
+        ids = torch.from_numpy(inputs.contexts[i : i + inputs.batch_size]).to(device)
+        x = read_contexts(inputs.store, i, len(ids)).to(device)
+        clean = runner.prepare(ids)
+        if clean is not None:
+            check_cache(clean, x, inputs.store, model_cfg.hookpoint)
+        use = ~spared_all[i : i + len(ids)].to(device)
+        out = sae(x[use])
+        recon_stats.update(x[use], out.recon, out.acts)
+        spliced = x.clone()
+        spliced[use] = out.recon
+        sums.add_recon(i, x, spliced, use)
+        ce, logp = token_losses(runner.logits(ids.shape, spliced), ids, start)
+        t = x.shape[1]
+        final = base.final_hidden.read(i * t, (i + len(ids)) * t).view_as(x).to(device)
+        logp_clean = token_losses(runner.head(ids.shape, final), ids, start)[1]
+        kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+        sums.add_ce(i, ce_spliced=ce, kl_div=kl, ce_all_spliced=_all_spliced(
+            sae, runner, ids, x, ~use, start, ce
+        ), n_pred=torch.ones_like(ce))  # fmt: skip
+    for key in ("ce_clean", "ce_zero_ablated", "ce_mean_ablated"):
+        sums.sums[key] += base.arrays[key].astype(np.float64).sum(-1)
+    return sums, recon_stats
+
+
+def _all_spliced(
+    sae: SparseAutoencoder, runner: SuffixRunner, ids: Tensor, x: Tensor, spared: Tensor,
+    start: int, ce: Tensor,
+) -> Tensor:  # fmt: skip
+    """Per-prediction CE [batch, n_pred] with every position from ``start`` on spliced, sinks
+    included (what a user who spares only position 0 measures): a second suffix for the batches
+    that have a spared token past ``start``, kept only for those contexts (the others equal
+    ``ce``)."""
+    has_sink = spared[:, start:].any(-1)
+    if not has_sink.any():
+        return ce
+    spliced = x.clone()
+    tail = x[:, start:].reshape(-1, x.shape[-1])
+    spliced[:, start:] = sae(tail).recon.view_as(x[:, start:])
+    all_ce = token_losses(runner.logits(ids.shape, spliced), ids, start)[0]
+    return torch.where(has_sink[:, None], all_ce, ce)
+
+
+def check_consistency(
+    cfg: PipelineConfig, sae: SparseAutoencoder, store: ActivationStore, baseline: Baseline
+) -> None:
+    """Raise ConfigError (one line naming both sides) unless the SAE, the cached eval
+    activations, the baseline and the params agree on the hookpoint, d_in, the sink norm and
+    the evaluated contexts, before any work."""
+    meta, b = sae.metadata, baseline.attrs
+    pairs = [
+        ("params model.hookpoint", cfg.model.hookpoint, "the SAE's hookpoint",
+         meta.get("hookpoint")),
+        ("params model.hookpoint", cfg.model.hookpoint, f"store {store.path}'s hookpoint",
+         store.attrs.get("hookpoint")),
+        ("params model.hookpoint", cfg.model.hookpoint, "the baseline's hookpoint", b["hookpoint"]),
+        ("the SAE's d_in", sae.d_in, f"store {store.path}'s d_in", store.d_in),
+        ("the SAE's max_norm", meta.get("max_norm"), "the baseline's max_norm", b["max_norm"]),
+    ]  # fmt: skip
+    for left, a, right, c in pairs:
+        if not _agree(a, c):
+            raise ConfigError(f"{left} is {a!r} but {right} is {c!r}")
+    cached = store.n_tokens // store.ctx_len
+    wanted = cached if cfg.evaluate.n_ctx is None else min(cfg.evaluate.n_ctx, cached)
+    if wanted != b["n_ctx"]:
+        raise ConfigError(
+            f"params evaluate.n_ctx selects {wanted} eval contexts but the baseline holds "
+            f"{b['n_ctx']}: re-run the baseline stage"
+        )
+
+
+def _agree(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def run_evaluation(
-    cfg: PipelineConfig, sae_dir: Path, tokens: Path, activations: Path
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """The evaluate stage's metrics and histograms for the SAE in ``sae_dir`` (definitions:
-    module docstring).
+    cfg: PipelineConfig, sae_dir: Path, tokens: Path, activations: Path, baseline_dir: Path
+) -> tuple[dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
+    """The evaluate stage for the SAE in ``sae_dir`` (definitions: module docstring): its
+    metrics (with 95% intervals), histograms, and the per-context sums (CE_SUMS, RECON_SUMS)
+    that the summary pairs across SAEs.
 
-    Reconstruction and sparsity on every cached eval token; downstream CE/KL on the first
-    ``cfg.evaluate.n_ctx`` eval contexts, mean ablation with the mean of those eval tokens. For
-    BatchTopK and Sampled, ``l0`` is the inference-time L0 (global threshold θ) and
-    ``l0_batch_mode`` the training-time rule's L0 at the training batch size.
+    Every metric is on the evaluated eval contexts (``evaluate.n_ctx``, null: all cached), with
+    the clean and ablated CE and the clean LM-head inputs from the baseline in ``baseline_dir``
+    (computed once for all SAEs). For BatchTopK and Sampled, ``l0`` and ``fvu`` use the
+    inference rule (global threshold θ); ``l0_batch_mode`` and ``fvu_train_rule`` the training
+    rule at the training batch size.
+
+    Raises:
+        ConfigError: the SAE, the store, the baseline and the params disagree
+            (:func:`check_consistency`), or ``evaluate.n_ctx`` exceeds the cached contexts.
     """
     from saelab.capture import load_model, resolve_device
     from saelab.data import read_tokens
     from saelab.store import drop_outliers, iter_batches
 
-    exclude = cfg.sae.exclude_first_position
-    sae = load_sae(sae_dir)
+    sae, baseline = load_sae(sae_dir).eval(), load_baseline(baseline_dir)
+    store = ActivationStore(activations / "eval")
+    contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)
+    check_consistency(cfg, sae, store, baseline)
     max_norm = sae.metadata.get("max_norm")
-    eval_store = activations / "eval"
-
-    def batches(size: int) -> Iterable[Tensor]:
-        return drop_outliers(
-            iter_batches(eval_store, size, exclude_first_position=exclude), max_norm
-        )
-
-    stats = accumulate(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len))
-    metrics = stats.metrics()
-    if max_norm is not None:
-        metrics["max_norm"] = max_norm
-    if isinstance(sae.activation, BatchTopK):  # batchtopk, sampled
-        metrics["threshold"] = float(sae.activation.threshold)
-        metrics["l0_batch_mode"] = batch_mode_l0(sae, batches(cfg.train.batch_size))
-    if isinstance(sae, SwitchSAE):
-        metrics.update(expert_load(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len)))
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device)
-    contexts = torch.from_numpy(read_tokens(tokens, "eval")[: cfg.evaluate.n_ctx].astype("int64"))
-    sae.to(device)
-    metrics.update(
-        downstream_metrics(
-            model, cfg.model, lambda x: sae(x).recon, contexts, cfg.evaluate.batch_size,
-            exclude, max_norm, mean_act=stats.mean().to(device),
-        )
-    )  # fmt: skip
-    return metrics, stats.histograms()
+    inputs = SplicedInputs(contexts, store, baseline, cfg.evaluate.batch_size)
+    sums, recon_stats = spliced_pass(sae.to(device), model, cfg.model, inputs)
+    metrics = {**recon_stats.metrics(), **interval_metrics(
+        sums.sums, cfg.evaluate.n_bootstrap, cfg.evaluate.bootstrap_seed)}  # fmt: skip
+    metrics.update(_sparsity_extremes(recon_stats), **_exclusion(baseline), max_norm=max_norm)
+    metrics["ce_n_tokens"] = float(sums.sums["n_pred"].sum())
+    metrics["ce_n_contexts"] = float(len(contexts))
+
+    def batches(size: int) -> Iterable[Tensor]:
+        exclude = cfg.sae.exclude_first_position
+        stream = iter_batches(store.path, size, exclude_first_position=exclude)
+        return drop_outliers(stream, max_norm)
+
+    sae.cpu()
+    if isinstance(sae.activation, BatchTopK):  # batchtopk, sampled
+        metrics["threshold"] = float(sae.activation.threshold)
+        metrics.update(train_rule_metrics(sae, batches(cfg.train.batch_size)))
+    if isinstance(sae, SwitchSAE):
+        metrics.update(expert_load(sae, batches(cfg.evaluate.batch_size * cfg.data.ctx_len)))
+    return {k: v for k, v in metrics.items() if v is not None}, recon_stats.histograms(), sums.sums
+
+
+def _sparsity_extremes(recon: ReconstructionStats) -> dict[str, float]:
+    """``l0_min`` and ``l0_max``: the range of per-token L0 (the BatchTopK paper reports 1 to
+    over 80 at k = 32)."""
+    l0 = torch.cat(recon.l0_chunks)
+    return {"l0_min": float(l0.min()), "l0_max": float(l0.max())}
+
+
+def _exclusion(baseline: Baseline) -> dict[str, float]:
+    """``excluded_token_fraction``: eval tokens (every position) that keep their clean
+    activation (position 0 and sinks); ``sink_token_fraction``: positions past 0 spared by the
+    norm rule."""
+    spared = baseline.arrays["spared"]
+    return {
+        "excluded_token_fraction": float(spared.mean()),
+        "sink_token_fraction": float(spared[:, 1:].mean()),
+    }

@@ -21,6 +21,7 @@ return a tensor; a tuple's first element is taken as the hidden state).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 
 from saelab.capture import decoder_layers
 from saelab.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Attribute names of the final norm on the base model: Llama/Mistral/Qwen, GPT-2, Phi, OPT.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
@@ -149,7 +152,117 @@ def run_suffix(suffix: Suffix, resid: Tensor) -> Tensor:
     modules run, each with the arguments of its clean call."""
     if resid.shape != suffix.resid.shape:
         raise ValueError(f"resid shape {tuple(resid.shape)} != {tuple(suffix.resid.shape)}")
-    hidden = resid
-    for call in suffix.calls:
+    return run_calls(suffix.calls, resid)
+
+
+@torch.inference_mode()
+def run_calls(calls: tuple[Call, ...], hidden: Tensor) -> Tensor:
+    """Call ``calls`` in order on ``hidden`` (each module's first output feeds the next)."""
+    for call in calls:
         hidden = _first(call.module(hidden, *call.args, **call.kwargs))
     return hidden
+
+
+def same_arguments(a: Any, b: Any) -> bool:
+    """True when two recorded call arguments are equal: tensors of the same shape, dtype and
+    values; tuples, lists and dicts element by element; anything else by ``is`` or ``==``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and bool(torch.equal(a, b))
+        )  # fmt: skip
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_arguments, a, b))
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_arguments(a[key], b[key]) for key in a)
+        )
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a usable == is not provably equal
+        return False
+
+
+def same_calls(a: tuple[Call, ...], b: tuple[Call, ...]) -> bool:
+    """True when two recorded suffixes call the same modules with equal arguments."""
+    return len(a) == len(b) and all(
+        x.module is y.module and same_arguments((x.args, x.kwargs), (y.args, y.kwargs))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@dataclass(frozen=True)
+class CleanPass:
+    """A full clean forward of one batch: logits [batch, seq, vocab] and the residual stream at
+    the hookpoint [batch, seq, d_in] (both in the model's dtype)."""
+
+    logits: Tensor
+    resid: Tensor
+
+
+class SuffixRunner:
+    """Run the suffix after the hookpoint on residual streams that were not computed here (e.g.
+    read from the activation cache), recording the suffix's call arguments once per batch shape.
+
+    The arguments a decoder layer receives besides the hidden state (position embeddings,
+    attention mask, position ids) depend on the batch's shape, not on its tokens, for models
+    that are given no padding mask (Llama family, GPT-2). :meth:`prepare` runs a full clean
+    forward for the first two batches of each shape and compares their recorded arguments;
+    when they agree, later batches of that shape reuse them with no forward. When they differ
+    (a model whose arguments depend on the tokens), every batch of that shape gets its own
+    clean forward: slower, never wrong.
+    """
+
+    CHECKS_PER_SHAPE = 2
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self._calls: dict[tuple[int, ...], tuple[Call, ...]] = {}
+        self._seen: dict[tuple[int, ...], int] = {}
+        self._per_batch: set[tuple[int, ...]] = set()
+        self.clean_forwards = 0  # full forwards run so far
+
+    def prepare(self, input_ids: Tensor) -> CleanPass | None:
+        """Get the suffix arguments for ``input_ids`` [batch, seq] int64. Returns the clean pass
+        when a full forward ran for this batch (so the caller can check its own inputs against
+        it), else None."""
+        shape = tuple(input_ids.shape)
+        seen = self._seen.get(shape, 0)
+        self._seen[shape] = seen + 1
+        if seen >= self.CHECKS_PER_SHAPE and shape not in self._per_batch:
+            return None
+        logits, suffix = clean_forward(self.model, self.cfg, input_ids)
+        self.clean_forwards += 1
+        previous = self._calls.get(shape)
+        if previous is not None and not same_calls(previous, suffix.calls):
+            if shape not in self._per_batch:
+                logger.warning(
+                    "the suffix's call arguments depend on the tokens for %s: recording them "
+                    "with a full forward per batch", type(self.model).__name__,
+                )  # fmt: skip
+            self._per_batch.add(shape)
+        self._calls[shape] = suffix.calls
+        return CleanPass(logits, suffix.resid)
+
+    def calls(self, shape: tuple[int, ...]) -> tuple[Call, ...]:
+        """The recorded calls for a batch of ``shape`` (batch, seq); :meth:`prepare` first."""
+        return self._calls[shape]
+
+    def logits(self, input_shape: tuple[int, ...], resid: Tensor) -> Tensor:
+        """Logits [batch, seq, vocab] with ``resid`` [batch, seq, d_in] at the hookpoint."""
+        return run_calls(self.calls(input_shape), resid.to(_dtype(self.model)))
+
+    def final_hidden(self, input_shape: tuple[int, ...], resid: Tensor) -> Tensor:
+        """The LM head's input [batch, seq, d_in] (the final norm's output) with ``resid`` at the
+        hookpoint: the suffix without its last call."""
+        return run_calls(self.calls(input_shape)[:-1], resid.to(_dtype(self.model)))
+
+    def head(self, input_shape: tuple[int, ...], final_hidden: Tensor) -> Tensor:
+        """Logits [batch, seq, vocab] from the LM head's input [batch, seq, d_in]."""
+        return run_calls(self.calls(input_shape)[-1:], final_hidden.to(_dtype(self.model)))
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

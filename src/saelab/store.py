@@ -504,6 +504,18 @@ def median_norm(path: str | Path, n_tokens: int, *, exclude_first_position: bool
     return float(torch.cat(norms).median())
 
 
+def sink_norm(
+    path: str | Path, factor: float | None, n_tokens: int, *, exclude_first_position: bool
+) -> float | None:
+    """The norm above which a token counts as an attention sink: ``factor`` × the
+    :func:`median_norm` of the first ``n_tokens`` usable rows of the store at ``path`` (the
+    training store: the rule the SAEs are trained with), or None when ``factor`` is None (no
+    norm cut). See ``SAEConfig.exclude_norm_factor``."""
+    if factor is None:
+        return None
+    return factor * median_norm(path, n_tokens, exclude_first_position=exclude_first_position)
+
+
 def _take(batches: Iterator[torch.Tensor], n_tokens: int) -> Iterator[torch.Tensor]:
     seen = 0
     for x in batches:

@@ -249,3 +249,18 @@ def write_json_atomic(path: str | Path, data: Mapping[str, Any] | list) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def write_npz_atomic(path: str | Path, arrays: Mapping[str, Any]) -> None:
+    """Write numpy arrays (name -> array) to an uncompressed ``.npz`` via a temp file + rename:
+    never a half-written file."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,8 @@
+"""DVC stage `baseline` (see dvc.yaml): a thin call of `saelab baseline`; the work is in src/saelab."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["baseline", *sys.argv[1:]])
