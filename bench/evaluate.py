@@ -12,7 +12,8 @@ vs new. The SAE is a freshly initialised TopK of params.yaml's size: its cost is
 way. Ratios are given for wall time and for the process's CPU time (``time.process_time``, all
 threads; OpenMP threads wait passively so that idle spinning is not counted): on a shared machine
 a job is starved for seconds at a time, which moves wall-time ratios far more than CPU-time ones.
-Run: ``python bench/evaluate.py [--threads 2]``.
+Run: ``python bench/evaluate.py [--threads 2]``. The ``cached`` row is the
+evaluate stage's per-SAE work since the baseline stage (issue 12): target ≤ 1 full forward.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from saelab.config import load_params  # noqa: E402
 from saelab.data import pack_contexts, read_corpus  # noqa: E402
 from saelab.evaluate import _token_losses, downstream_metrics  # noqa: E402
 from saelab.sae import build_sae  # noqa: E402
-from saelab.splice import clean_forward, run_suffix  # noqa: E402
+from saelab.splice import SuffixRunner, clean_forward, run_suffix  # noqa: E402
 
 
 @torch.inference_mode()
@@ -64,6 +65,7 @@ LABELS = {
     "new": "per-SAE spliced, new (suffix)",
     "old_whole": "downstream_metrics batch, old",
     "new_whole": "downstream_metrics batch, new",
+    "cached": "per-SAE from the baseline (suffix+head)",
 }
 
 
@@ -113,12 +115,25 @@ def main() -> None:
         return downstream_metrics(model, model_cfg, lambda x: sae(x).recon, ids, args.batch,
                                   True, mean_act=mean_act)  # fmt: skip
 
+    runner = SuffixRunner(model, model_cfg)
+    runner.prepare(ids)
+    final = runner.final_hidden(ids.shape, suffix.resid)
+
+    def cached_per_sae() -> None:
+        """The evaluate stage's work per batch (saelab.evaluate.spliced_pass): the SAE, the
+        suffix on the spliced stream, the LM head on the baseline's cached final hidden state,
+        CE and KL."""
+        with torch.inference_mode():
+            ce, logp = _token_losses(runner.logits(ids.shape, splice(suffix.resid)), ids, 1)
+            logp_clean = _token_losses(runner.head(ids.shape, final), ids, 1)[1]
+            (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+
     def old_whole() -> dict[str, float]:
         return old_downstream(model, model_cfg, lambda x: sae(x).recon, ids, mean_act)
 
     cases = {"full": full, "old": old_per_sae, "new": new_per_sae,
              "clean": lambda: clean_forward(model, model_cfg, ids),
-             "old_whole": old_whole, "new_whole": new_whole}  # fmt: skip
+             "old_whole": old_whole, "new_whole": new_whole, "cached": cached_per_sae}  # fmt: skip
     warm = {key: fn() for key, fn in cases.items()}  # warm-up; keeps the metrics
     times: dict[str, list[tuple[float, float]]] = {key: [] for key in cases}
     for _ in range(args.repeats):  # interleaved, so drift hits all alike
@@ -128,6 +143,8 @@ def main() -> None:
     cpu = {key: statistics.median(c for _, c in v) for key, v in times.items()}
     old_m, new_m = warm["old_whole"], warm["new_whole"]
     n_layers = len(decoder_layers(model))
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, model dtype "
+          f"{model_cfg.dtype}")  # fmt: skip
     print(f"torch {torch.__version__}, {args.threads} threads, {args.batch} x {args.ctx_len} "
           f"real tokens ({args.corpus}), {args.hookpoint} of {n_layers} layers, "
           f"TopK SAE d_sae {cfg.sae.d_sae}, median of {args.repeats}")  # fmt: skip
@@ -137,6 +154,9 @@ def main() -> None:
               f"{cpu[key]:7.2f} {cpu[key] / cpu['full']:7.2f}")  # fmt: skip
     print(f"downstream_metrics old / new: wall {wall['old_whole'] / wall['new_whole']:.2f}, "
           f"CPU {cpu['old_whole'] / cpu['new_whole']:.2f}")  # fmt: skip
+    print(f"per SAE, in full forwards: old {wall['old_whole'] / wall['full']:.2f} (clean + 3 "
+          f"replacements per SAE), cached {wall['cached'] / wall['full']:.2f} wall, "
+          f"{cpu['cached'] / cpu['full']:.2f} CPU")  # fmt: skip
     diff = max(abs(old_m[key] - new_m[key]) for key in old_m)
     print(f"max |old - new| over CE clean/spliced/zero/mean and KL: {diff:.2e} nats/token")
 
