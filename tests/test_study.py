@@ -12,6 +12,8 @@ from saelab.cli import main
 from saelab.config import ConfigError
 from saelab.study import collect as collect_rows
 from saelab.study import (
+    collect_curves,
+    curves_from_mlflow,
     exp_run_args,
     expand,
     finished_experiments,
@@ -235,7 +237,7 @@ def test_collect_from_metrics_dir(tmp_path) -> None:
         (metrics / f"{v}.json").write_text(json.dumps({"variant": v, "k": k, "fvu": 0.5}))
     params = _params(k=32, sae__d_sae=64, variants=["topk", "relu", "sampled"])
     params["variant_params"]["sampled"]["l"] = 4
-    rows = rows_from_metrics(study, metrics, params, "abc123")
+    rows = rows_from_metrics(study, metrics, params, lambda path: "abc123")
     assert [(r["run"], r["saelab_commit"], r["fvu"]) for r in rows] == [
         ("topk-k32-d64-s0", "abc123", 0.5)
     ]
@@ -251,7 +253,7 @@ def test_cli_plan_and_collect(tmp_path, capsys, monkeypatch) -> None:
     assert len(lines) == 4 and lines[0].endswith("-S 'variants=[switch]'")
     shown = tmp_path / "shown.json"
     shown.write_text(json.dumps(_exp_show(study, ["switch-k32-d128-s0-E2"])))
-    main(["study", "collect", "--study", str(tmp_path), "--exp-json", str(shown)])
+    main(["study", "collect", "--study", str(tmp_path), "--exp-json", str(shown), "--no-curves"])
     main(["study", "plan", "--study", str(tmp_path), "--group", "pts"])
     assert len(capsys.readouterr().out.splitlines()) == 3
     (tmp_path / "study.yaml").write_text("name: x\n")
@@ -259,3 +261,36 @@ def test_cli_plan_and_collect(tmp_path, capsys, monkeypatch) -> None:
         main(["study", "plan", "--study", str(tmp_path)])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "saelab: error: study: missing key seeds"
+
+
+def test_learning_curves_from_mlflow(tmp_path) -> None:
+    """The nested run tagged with a run's name and variant gives one curve row per logged step
+    (tokens = step x batch); a run without an MLflow run has no curve; collecting twice adds
+    the runs' curves once."""
+    from saelab.tracking import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = {"variant": "topk", "dvc_exp_name": "topk-k8-d64-s0"}
+    with mlflow_run("saelab", uri, "topk", tags) as tracker:
+        for step, fvu in ((4, 0.9), (8, 0.5)):
+            tracker.log_metrics({"train/fvu": fvu, "train/l0": 8.0, "train/lr": 1e-4}, step=step)
+    with mlflow_run("saelab", uri, "topk", {**tags, "dvc_exp_name": "other"}) as tracker:
+        tracker.log_metrics({"train/fvu": 0.1}, step=4)
+    rows = [
+        {"run": "topk-k8-d64-s0", "variant": "topk"},
+        {"run": "topk-k8-d64-s1", "variant": "topk"},
+    ]
+    curves = curves_from_mlflow(uri, "saelab", rows, batch_size=16)
+    assert curves == [
+        {"run": "topk-k8-d64-s0", "step": 4, "tokens": 64, "train_fvu": 0.9, "train_l0": 8.0},
+        {"run": "topk-k8-d64-s0", "step": 8, "tokens": 128, "train_fvu": 0.5, "train_l0": 8.0},
+    ]
+    assert curves_from_mlflow(uri, "absent", rows, 16) == []
+    study = _study(tmp_path / "s")
+    assert collect_curves(study, curves) == 1
+    assert collect_curves(study, curves) == 0
+    table = read_table(study.curves_path)
+    assert [(r["step"], r["tokens"], r["train_fvu"]) for r in table] == [
+        ("4", "64", "0.9"),
+        ("8", "128", "0.5"),
+    ]

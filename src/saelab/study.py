@@ -39,7 +39,7 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -486,12 +486,23 @@ def cpu_model() -> str:
     return ""
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """HEAD's commit of the git repository at ``cwd`` (None outside one)."""
-    result = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() or None if result.returncode == 0 else None
+def _git(args: Sequence[str], cwd: str | Path) -> str | None:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The saelab commit a file's contents come from: the last commit that changed ``path``,
+    or HEAD with ``+dirty`` when ``path`` has uncommitted changes (or is untracked); HEAD when
+    ``path`` is None; None outside a git repository."""
+    cwd = Path(path).parent if path is not None else Path(".")
+    head = _git(["rev-parse", "HEAD"], cwd)
+    if path is None or head is None:
+        return head
+    name = Path(path).name
+    if _git(["status", "--porcelain", "--", name], cwd):
+        return f"{head}+dirty"
+    return _git(["log", "-1", "--format=%H", "--", name], cwd) or f"{head}+dirty"
 
 
 @dataclass(frozen=True)
@@ -580,11 +591,15 @@ def rows_from_experiments(study: Study, finished: Sequence[Finished]) -> list[di
 
 
 def rows_from_metrics(
-    study: Study, metrics_dir: str | Path, params: Mapping[str, Any], commit: str | None
+    study: Study,
+    metrics_dir: str | Path,
+    params: Mapping[str, Any],
+    commit: Callable[[Path], str | None] = git_commit,
 ) -> list[dict[str, Any]]:
     """A runs-table row for every ``<metrics_dir>/<variant>.json`` (variant of ``params``'
     ``variants``) that is a run of the study under ``params`` (the workspace's params.yaml, as
-    a mapping) and whose ``k`` agrees with it; others are logged and skipped."""
+    a mapping) and whose ``k`` agrees with it; others are logged and skipped. ``commit(path)``
+    gives the row's ``saelab_commit`` (default :func:`git_commit`)."""
     rows = []
     for variant in params.get("variants") or ():
         path = Path(metrics_dir) / f"{variant}.json"
@@ -595,7 +610,7 @@ def rows_from_metrics(
         if run is None or metrics.get("k") != params.get("k"):
             log.warning("%s: not a run of study %s under these params; skipped", path, study.name)
             continue
-        rows.append(run_row(run, params, metrics, provenance(commit, f"metrics:{path}")))
+        rows.append(run_row(run, params, metrics, provenance(commit(path), f"metrics:{path}")))
     return rows
 
 
@@ -606,3 +621,53 @@ def collect(study: Study, rows: Sequence[Mapping[str, Any]], replace: bool = Fal
     if changed:
         write_table(study.runs_path, merged, ID_COLUMNS)
     return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# learning curves (MLflow -> curves.csv)
+
+CURVE_COLUMNS = ("run", "step", "tokens", "train_fvu", "train_l0", "train_dead_fraction")
+CURVE_METRICS = {"train/fvu": "train_fvu", "train/l0": "train_l0",
+                 "train/dead_fraction": "train_dead_fraction"}  # fmt: skip
+
+
+def curves_from_mlflow(
+    uri: str, experiment: str, rows: Sequence[Mapping[str, Any]], batch_size: int
+) -> list[dict[str, Any]]:
+    """The training curves of the runs-table ``rows`` from the MLflow store at ``uri``: each
+    row's nested run is the one of ``experiment`` tagged ``dvc_exp_name`` = the run's name and
+    ``variant`` (:func:`saelab.tracking.run_tags`); one curve row per logged step (``tokens`` =
+    step x ``batch_size``) with the window means ``train/fvu``, ``train/l0`` and
+    ``train/dead_fraction``. Runs without an MLflow run are left out (a log line says so)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        log.warning("no MLflow experiment %s at %s: no learning curves", experiment, uri)
+        return []
+    curves = []
+    for row in rows:
+        query = f"tags.dvc_exp_name = '{row['run']}' and tags.variant = '{row['variant']}'"
+        found = client.search_runs([exp.experiment_id], query, order_by=["start_time DESC"])
+        if not found:
+            log.info("%s: no MLflow run, no learning curve", row["run"])
+            continue
+        per_step: dict[int, dict[str, Any]] = {}
+        for metric, column in CURVE_METRICS.items():
+            for m in client.get_metric_history(found[0].info.run_id, metric):
+                point = per_step.setdefault(m.step, {"run": row["run"], "step": m.step})
+                point.update(tokens=m.step * batch_size, **{column: m.value})
+        curves += [per_step[s] for s in sorted(per_step)]
+    return curves
+
+
+def collect_curves(study: Study, curves: Sequence[Mapping[str, Any]]) -> int:
+    """Add the curves of runs not yet in the study's ``curves.csv`` (written atomically);
+    returns the number of runs added."""
+    existing = read_table(study.curves_path)
+    have = {r["run"] for r in existing}
+    new = [c for c in curves if c["run"] not in have]
+    if new:
+        write_table(study.curves_path, [*existing, *new], CURVE_COLUMNS)
+    return len({c["run"] for c in new})
