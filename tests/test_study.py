@@ -18,6 +18,7 @@ from saelab.study import (
     expand,
     finished_experiments,
     load_study,
+    match_run,
     parse_study,
     pending,
     read_table,
@@ -294,3 +295,54 @@ def test_learning_curves_from_mlflow(tmp_path) -> None:
         ("4", "64", "0.9"),
         ("8", "128", "0.5"),
     ]
+
+
+@pytest.mark.slow
+def test_plan_lines_are_accepted_by_dvc(tmp_path) -> None:
+    """Queued with the project's dvc.yaml and params.yaml (DVC 3, nothing run): each planned
+    run's `-S` overrides (Hydra's grammar: lists, strings, dotted keys) give params in which
+    match_run finds exactly that run, and its variants list is the one variant."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t.invalid")  # fmt: skip
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, repo / name)
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "project")
+    study = load_study(REPO / "reports" / "main")
+    runs = [
+        next(r for r in expand(study) if "switch_flop" in r.groups and r.seed == 1),
+        next(r for r in expand(study) if r.name == "sampled-k32-d4608-t917504-s2-l4-squared_l2"),
+    ]
+    for r in runs:
+        run(*exp_run_args(r))
+    shown = json.loads(run("dvc", "exp", "show", "--json"))
+    queued = {
+        exp["name"]: exp["revs"][0]["data"]["params"]["params.yaml"]["data"]
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+        if (exp.get("executor") or {}).get("state") == "queued"
+    }
+    assert set(queued) == {r.name for r in runs}
+    for r in runs:
+        params = queued[r.name]
+        assert params["variants"] == [r.variant]
+        assert match_run(study, r.variant, params) == r
