@@ -228,6 +228,21 @@ def test_collect_from_exp_show_is_idempotent(tmp_path) -> None:
     assert len(read_table(study.runs_path)) == 3
 
 
+def test_match_run_prefers_the_most_specific_run(tmp_path) -> None:
+    """Group d2 adds train.lr to a run of group k: params with that lr are the d2 run, params
+    without it the k run; an experiment named as the d2 run is collected as it."""
+    raw = copy.deepcopy(SMALL)
+    raw["groups"].append({"name": "d2", "variants": ["topk"], "base": {"train.lr": 0.001}})
+    study = _study(tmp_path, raw)
+    params = _params(k=32, sae__d_sae=64)
+    assert match_run(study, "topk", params).name == "topk-k32-d64-s0"
+    params["train"]["lr"] = 0.001
+    assert match_run(study, "topk", params).name == "topk-k32-d64-train_lr0p001-s0"
+    shown = _exp_show(study, ["topk-k32-d64-train_lr0p001-s0"])
+    (row,) = rows_from_experiments(study, finished_experiments(shown))
+    assert row["run"] == "topk-k32-d64-train_lr0p001-s0" and row["groups"] == "d2"
+
+
 def test_collect_from_metrics_dir(tmp_path) -> None:
     """The workspace's metrics/<variant>.json under params.yaml fill the study's matching run;
     a variant whose params are no run of the study, or whose metrics' k disagrees, is skipped."""

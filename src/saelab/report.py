@@ -235,7 +235,7 @@ def check_claim(i: int, claim: Mapping[str, Any]) -> None:
         raise _claim_error(i, "value", "a number")
     if kind == "trend" and not isinstance(claim.get("x"), str):
         raise _claim_error(i, "x", "a column name")
-    if not isinstance(claim.get("cases", [{}]), list):
+    if not isinstance(claim.get("cases") or [], list):
         raise _claim_error(i, "cases", "a list of mappings")
 
 

@@ -401,17 +401,19 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def matches(run: Run, params: Mapping[str, Any]) -> bool:
+    """Whether ``params`` (the full nested params mapping) has every override of ``run`` and
+    its variant in ``variants``."""
+    if run.variant not in (params.get("variants") or ()):
+        return False
+    return all(_same(_get(params, k), v) for k, v in run.overrides.items() if k != "variants")
+
+
 def match_run(study: Study, variant: str, params: Mapping[str, Any]) -> Run | None:
-    """The study's run of ``variant`` whose every override has that value in ``params`` (the
-    full nested params mapping; ``variants`` must contain the variant), or None."""
-    for run in expand(study):
-        if run.variant != variant:
-            continue
-        if all(
-            _same(_get(params, k), v) for k, v in run.overrides.items() if k != "variants"
-        ) and variant in (params.get("variants") or ()):
-            return run
-    return None
+    """The study's run of ``variant`` that ``params`` :func:`matches`, the one with the most
+    overrides when several do (a run whose overrides extend another's); None if none does."""
+    found = [r for r in expand(study) if r.variant == variant and matches(r, params)]
+    return max(found, key=lambda r: len(r.overrides), default=None)
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -578,7 +580,7 @@ def rows_from_experiments(study: Study, finished: Sequence[Finished]) -> list[di
         run = runs.get(exp.name)
         if run is None:
             continue
-        if match_run(study, run.variant, exp.params) != run:
+        if not matches(run, exp.params):
             log.warning("experiment %s: params differ from the study's run; skipped", exp.name)
             continue
         metrics = exp.metrics.get(f"metrics/{run.variant}.json")
