@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("topk", "batchtopk", "jumprelu", "relu", "sampled", "switch")  # params.yaml
 PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
-PROJECT_DIRS = ("stages", "src", "plots/templates")
+PROJECT_DIRS = ("stages", "src", "plots/templates", "reports/main")  # report stage: its deps
 METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "fvu", "l0")
 
 

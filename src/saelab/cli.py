@@ -427,5 +427,128 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
+# --- studies (issue 12): saelab study plan|collect, saelab report ------------------------------
+
+STUDY = click.option(
+    "--study", "study_dir", required=True, type=click.Path(file_okay=False),
+    help="study directory holding study.yaml (e.g. reports/main)",
+)  # fmt: skip
+
+
+@cli.group()
+def study() -> None:
+    """A grid of dvc exp runs (reports/<study>/study.yaml) and its runs table (runs.csv)."""
+
+
+@study.command("plan")
+@STUDY
+@click.option("--group", default=None, help="only the runs of this group")
+@click.option(
+    "--submit", is_flag=True, help="queue them (dvc exp run --queue); then dvc queue start"
+)
+@click.option(
+    "--targets", is_flag=True,
+    help="run only evaluate@<variant> and what it needs (not summarize)",
+)  # fmt: skip
+def study_plan(study_dir: str, group: str | None, submit: bool, targets: bool) -> None:
+    """Print the dvc exp run --queue line of every run not yet in the runs table."""
+    from saelab.study import load_study, pending, plan_lines, queue_runs, read_table
+
+    spec = load_study(study_dir)
+    runs = pending(spec, (r["run"] for r in read_table(spec.runs_path)), group)
+    if submit:
+        queue_runs(runs, targets=targets)
+    else:
+        for line in plan_lines(runs, targets):
+            click.echo(line)
+    log.info("%d runs pending in study %s", len(runs), spec.name)
+
+
+@study.command("collect")
+@STUDY
+@click.option(
+    "--from-metrics", "metrics_dir", default=None, type=click.Path(exists=True, file_okay=False),
+    help="read <dir>/<variant>.json of the workspace (with --params) instead of dvc exp show",
+)  # fmt: skip
+@PARAMS
+@click.option(
+    "--exp-json", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="a saved `dvc exp show --json` output instead of running it",
+)  # fmt: skip
+@click.option("--replace", is_flag=True, help="replace rows of runs already in the table")
+@click.option(
+    "--no-curves", is_flag=True,
+    help="do not read the runs' learning curves from MLflow (params' tracking) into curves.csv",
+)  # fmt: skip
+@click.option(
+    "--cpu-capability", default=None,
+    help="the torch CPU capability of the machine that ran the runs, when collecting on "
+    "another one (default: this machine's, torch.backends.cpu.get_cpu_capability())",
+)  # fmt: skip
+def study_collect(
+    study_dir: str,
+    metrics_dir: str | None,
+    params_path: str,
+    exp_json: str | None,
+    replace: bool,
+    no_curves: bool,
+    cpu_capability: str | None,
+) -> None:
+    """Append the study's finished runs to its runs table (one row per run, no duplicates)."""
+    import yaml
+
+    from saelab.study import (
+        collect,
+        exp_show,
+        finished_experiments,
+        load_study,
+        rows_from_experiments,
+        rows_from_metrics,
+    )
+
+    spec = load_study(study_dir)
+    if metrics_dir is not None:
+        load_params(params_path)  # a bad params file is an error before any row is read
+        params = yaml.safe_load(Path(params_path).read_text())
+        rows = rows_from_metrics(spec, metrics_dir, params)
+    else:
+        shown = json.loads(Path(exp_json).read_text()) if exp_json else exp_show()
+        rows = rows_from_experiments(spec, finished_experiments(shown))
+    if cpu_capability is not None:
+        rows = [{**r, "cpu_capability": cpu_capability} for r in rows]
+    added = collect(spec, rows, replace)
+    log.info("%d of %d runs found added to %s", added, len(rows), spec.runs_path)
+    if metrics_dir is None and not no_curves:
+        _collect_curves(spec, rows, params_path)
+
+
+def _collect_curves(spec: object, rows: list[dict], params_path: str) -> None:
+    """The learning curves of ``rows`` from the MLflow store of params (``tracking``) into the
+    study's curves.csv."""
+    from saelab.study import collect_curves, curves_from_mlflow
+    from saelab.tracking import tracking_uri
+
+    cfg = load_params(params_path)
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    curves = curves_from_mlflow(uri, cfg.tracking.experiment, rows, cfg.train.batch_size)
+    added = collect_curves(spec, curves)
+    log.info("learning curves of %d runs added to %s", added, spec.curves_path)
+
+
+@cli.command("report")
+@STUDY
+@PARAMS
+def report_cmd(study_dir: str, params_path: str) -> None:
+    """runs.csv + study.yaml -> report.md and png/ in the study directory."""
+    import yaml
+
+    from saelab.report import write_report
+    from saelab.study import load_study
+
+    load_params(params_path)  # a bad params file is an error before anything is written
+    path = write_report(load_study(study_dir), yaml.safe_load(Path(params_path).read_text()))
+    log.info("wrote %s", path)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,8 @@
+"""DVC stage `report` (see dvc.yaml): a thin call of `saelab report`; the work is in src/saelab."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["report", *sys.argv[1:]])
