@@ -178,6 +178,25 @@ def test_logit_lens_is_norm_then_unembedding(tiny_llama_dir) -> None:
     torch.testing.assert_close(bot_v, ref_bot.values)
 
 
+def test_logit_lens_drops_the_layernorm_bias(tiny_gpt2_dir) -> None:
+    """On the tiny GPT-2 (LayerNorm with a bias), the lens is ``lm_head`` of the centred,
+    scaled direction times the norm's weight, without the bias every input gets alike."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    ln = model.transformer.ln_f
+    with torch.no_grad():
+        ln.bias.normal_(generator=torch.Generator().manual_seed(4))  # make the bias matter
+    W_dec = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    top_ids, top_v, _, _ = logit_lens(model, W_dec, n=5)
+    with torch.no_grad():
+        centred = W_dec - W_dec.mean(1, keepdim=True)
+        scaled = centred / (centred.pow(2).mean(1, keepdim=True) + ln.eps).sqrt() * ln.weight
+        ref = model.lm_head(scaled).topk(5, dim=1)
+    assert torch.equal(top_ids, ref.indices)
+    torch.testing.assert_close(top_v, ref.values, rtol=1e-4, atol=1e-4)
+
+
 def test_nearest_by_cosine_matches_brute_force() -> None:
     """Neighbours are the argsort of the full cosine matrix (itself excluded), in any chunking;
     a row's own copy in another SAE is its nearest latent there with cosine 1."""

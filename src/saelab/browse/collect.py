@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from saelab.sae import SparseAutoencoder, SwitchSAE
 from saelab.store import ActivationStore
@@ -290,7 +291,9 @@ def collect_features(
     store = ActivationStore(activations)
     max_norm = sae.metadata.get("max_norm")
     collector = FeatureCollector(sae.d_sae, n_top, n_samples, before, after, store.ctx_len, seed)
-    for first, x in iter_contexts(store, batch_contexts):
+    blocks = iter_contexts(store, batch_contexts)
+    total = -(-store.n_tokens // (batch_contexts * store.ctx_len))
+    for first, x in tqdm(blocks, total=total, desc="feature pass", unit="block"):
         kept = torch.ones(len(x), dtype=torch.bool)
         if exclude_first_position:
             kept &= store.keep_mask(first, first + len(x))
