@@ -426,3 +426,41 @@ def test_features_rejects_another_variant(tiny_pages) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("saelab: error: --sae models/topk")
     assert not (root / "features" / "wrong").exists()
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "switch"])
+def test_collect_features_matches_the_dense_code(tiny_pages, variant) -> None:
+    """collect_features over a store equals the top-N of the SAE's dense eval-mode code of all
+    kept rows (BatchTopK: its global threshold, so a token's code does not depend on its block;
+    Switch: routed), position 0 and rows above max_norm excluded; Switch counts the kept tokens
+    routed to each expert."""
+    from saelab.browse.collect import collect_features
+    from saelab.sae import build_sae
+    from saelab.store import ActivationStore
+
+    store_path = tiny_pages[0].parent / "activations" / "eval"
+    store = ActivationStore(store_path)
+    x = store.read(0, store.n_tokens)
+    hparams = {"n_experts": 4, "balance_coef": 3.0} if variant == "switch" else {}
+    sae = build_sae(variant, D_IN, D_SAE, 4, hparams, torch.Generator().manual_seed(5))
+    if variant == "batchtopk":
+        sae.activation.threshold.fill_(0.5)
+    sae.metadata = {"max_norm": float(x.norm(dim=-1).quantile(0.95))}
+    kept = store.keep_mask(0, store.n_tokens) & (x.norm(dim=-1) <= sae.metadata["max_norm"])
+    stats = collect_features(sae, store_path, n_top=3, n_samples=2, before=1, after=1,
+                             batch_contexts=3, exclude_first_position=True, seed=0)  # fmt: skip
+    with torch.no_grad():
+        dense = torch.zeros(len(x), D_SAE)
+        dense[kept] = sae.eval()(x[kept]).acts
+    assert stats.n_tokens == int(kept.sum())
+    assert stats.fire_counts.tolist() == (dense > 0).sum(0).tolist()
+    for latent in range(D_SAE):
+        col = dense[:, latent]
+        ref = _reference_top(dense, kept, latent, 3, lambda r, c=col: float(c[r]))
+        assert [r for r in stats.top_rows[latent].tolist() if r >= 0] == ref
+        torch.testing.assert_close(stats.top_values[latent, : len(ref)], col[ref])
+    if variant == "switch":
+        routed = sae.route(x[kept])[1]
+        assert stats.expert_counts.tolist() == torch.bincount(routed, minlength=4).tolist()
+    else:
+        assert stats.expert_counts is None
