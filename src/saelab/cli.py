@@ -550,5 +550,68 @@ def report_cmd(study_dir: str, params_path: str) -> None:
     log.info("wrote %s", path)
 
 
+@cli.command()
+@PARAMS
+@VARIANT
+@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="pages directory")
+def features(
+    params_path: str, variant: str, tokens: str, activations: str, sae_dir: str, out: str
+) -> None:
+    """Feature pages of one SAE: top contexts, random firings, histograms, logit lens and
+    decoder neighbours of every latent, from the eval activations (static HTML + JSON)."""
+    from saelab.browse.pages import build_features
+    from saelab.store import atomic_dir
+
+    cfg = load_params(params_path)
+    with atomic_dir(out) as tmp:
+        build_features(cfg, variant, Path(sae_dir), Path(tokens), Path(activations), tmp)
+
+
+@cli.command("features-index")
+@PARAMS
+@click.option(
+    "--models", required=True, type=click.Path(exists=True, file_okay=False),
+    help="directory of the SAEs, models/<variant>",
+)  # fmt: skip
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="pages directory")
+def features_index(params_path: str, models: str, out: str) -> None:
+    """Cross-variant page: each latent's nearest latent of every other variant by decoder
+    cosine (next to the variants' feature pages)."""
+    from saelab.browse.pages import build_compare
+    from saelab.store import atomic_dir
+
+    cfg = load_params(params_path)
+    with atomic_dir(out) as tmp:
+        summary = build_compare(cfg, Path(models), tmp)
+    log.info("decoder matches: %s", json.dumps(summary))
+
+
+@cli.command()
+@click.option(
+    "--dir", "directory", default="features", show_default=True,
+    type=click.Path(file_okay=False), help="the feature pages (features/<variant>, compare)",
+)  # fmt: skip
+@click.option("--port", default=8008, show_default=True, help="0: any free port")
+def browse(directory: str, port: int) -> None:
+    """Serve the feature pages on http://127.0.0.1:<port> until Ctrl-C."""
+    from saelab.browse.serve import make_server
+
+    try:
+        server = make_server(directory, port)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from e
+    host, bound = server.server_address[:2]
+    click.echo(f"feature pages of {directory} on http://{host}:{bound}/  (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":
     main()

@@ -402,6 +402,35 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """features@<variant> stage: the feature pages (``saelab.browse``).
+
+    n_top: top-activating contexts kept per latent; n_samples: uniform random firings kept per
+        latent (shown weakest first: what the latent does when it fires weakly);
+    context_before / context_after: tokens shown before / after the firing token;
+    n_logits: tokens listed as promoted and as suppressed (logit lens); n_neighbours: nearest
+        latents by decoder cosine; batch_contexts: contexts per SAE forward in the pass (its
+        dense ``[batch_contexts * ctx_len, d_sae]`` code is the pass's largest tensor);
+    seed: of the random sample.
+    """
+
+    n_top: int
+    n_samples: int
+    context_before: int
+    context_after: int
+    n_logits: int
+    n_neighbours: int
+    batch_contexts: int
+    seed: int
+
+    def validate(self) -> None:
+        for key in ("n_top", "n_samples", "n_logits", "n_neighbours", "batch_contexts"):
+            _require(getattr(self, key) >= 1, f"features.{key}", "an integer >= 1")
+        for key in ("context_before", "context_after"):
+            _require(getattr(self, key) >= 0, f"features.{key}", "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py)."""
 
@@ -431,6 +460,7 @@ class PipelineConfig:
     train: TrainConfig
     evaluate: EvalConfig
     tracking: TrackingConfig
+    features: FeaturesConfig
 
     def validate(self) -> None:
         _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
@@ -448,7 +478,15 @@ class PipelineConfig:
                 f"cache.{key}",
                 f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
             )
-        sections = (self.data, self.model, self.cache, self.sae, self.train, self.evaluate)
+        sections = (
+            self.data,
+            self.model,
+            self.cache,
+            self.sae,
+            self.train,
+            self.evaluate,
+            self.features,
+        )
         for section in (*sections, self.variant_params):
             section.validate()
         self.tracking.validate()

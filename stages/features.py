@@ -1,0 +1,8 @@
+"""DVC stage `features` (see dvc.yaml): a thin call of `saelab features`; the work is in src/saelab/browse."""
+
+import sys
+
+from saelab.cli import main
+
+if __name__ == "__main__":
+    main(["features", *sys.argv[1:]])
