@@ -186,7 +186,13 @@ def _check_queued_experiment(repo: Path, tracking_experiment: str, first_exp: st
     from mlflow import MlflowClient
 
     _dvc(repo, "exp", "run", "--queue", "-S", "evaluate.n_ctx=4", "--name", "queued-nctx4")
-    _dvc(repo, "queue", "start", "-j", "1")
+    # Not _dvc: the worker's monitor inherits the command's stdout/stderr, so captured pipes
+    # would stay open (and block) until the worker exits.
+    log_path = repo.parent / "queue-start.log"
+    with log_path.open("w") as log:
+        cmd = (str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "1")
+        started = subprocess.run(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=log, timeout=300)
+    assert started.returncode == 0, log_path.read_text()
     table = _wait_for_queue(repo)
     if "Success" not in table:
         pytest.fail(f"{table}\n{_dvc(repo, 'queue', 'logs', 'queued-nctx4')[-8000:]}")
