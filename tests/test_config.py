@@ -154,3 +154,58 @@ def test_switch_experts_must_split_d_sae_and_hold_k() -> None:
     raw = _with("variants", ["topk"])  # not trained: not checked
     raw["variant_params"]["switch"]["n_experts"] = 7
     assert parse_params(raw).variant_params.switch.n_experts == 7
+
+
+def _repo_beside_data(tmp_path: Path) -> tuple[Path, dict]:
+    """<tmp>/repo with the data beside it in <tmp>/shared (corpus dir, model dir), and params that
+    name them relative to the repo root, as the committed params.yaml does."""
+    repo, shared = tmp_path / "repo", tmp_path / "shared"
+    (shared / "corpus" / "a").mkdir(parents=True)
+    (shared / "model").mkdir()
+    (repo / "models" / "local").mkdir(parents=True)
+    raw = _with("data.corpus_dirs", ["../shared/corpus/a"])
+    raw["model"].update(name_or_path="../shared/model", gguf_file=None)
+    return repo, raw
+
+
+@pytest.mark.parametrize("dvc_root", ["repo", "exp_copy"], ids=["dvc3-root", "copy-root"])
+def test_relative_paths_resolve_against_the_repo_root_in_a_dvc_exp_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dvc_root: str
+) -> None:
+    """A queued / --temp `dvc exp run` executes in <repo>/.dvc/tmp/exps/<tmp>; its stages see
+    DVC_ROOT=<repo> (DVC 3) or, on a DVC that does not override it, the copy. Either way
+    ``../shared/...`` is <tmp>/shared/..., not a path under the copy."""
+    repo, raw = _repo_beside_data(tmp_path)
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    exp_copy.mkdir(parents=True)
+    monkeypatch.chdir(exp_copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo if dvc_root == "repo" else exp_copy))
+    cfg = parse_params(raw)
+    shared = tmp_path.resolve() / "shared"
+    assert cfg.data.corpus_dirs == (str(shared / "corpus" / "a"),)
+    assert cfg.model.name_or_path == str(shared / "model")
+
+
+def test_path_params_absolute_hub_ids_and_uris(tmp_path: Path) -> None:
+    """Relative paths join the root; absolute paths, hub ids and non-sqlite URIs stay as written;
+    a bare ``dir/name`` is a local model when that directory exists under the root."""
+    repo, raw = _repo_beside_data(tmp_path)
+    root = repo.resolve()
+    corpus = str(tmp_path / "shared" / "corpus" / "a")
+    raw["data"]["corpus_dirs"] = [corpus]
+    assert parse_params(raw, root=root).data.corpus_dirs == (corpus,)
+    raw["model"]["name_or_path"] = "models/local"
+    assert parse_params(raw, root=root).model.name_or_path == str(root / "models" / "local")
+    raw["model"]["name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
+    assert parse_params(raw, root=root).model.name_or_path == "HuggingFaceTB/SmolLM2-135M"
+    for written, resolved in [
+        ("sqlite:///runs/mlflow.db", f"sqlite:///{root}/runs/mlflow.db"),
+        ("sqlite:///../mlflow.db", f"sqlite:///{root.parent}/mlflow.db"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("mlruns", str(root / "mlruns")),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        (None, None),
+    ]:
+        raw["tracking"]["tracking_uri"] = written
+        assert parse_params(raw, root=root).tracking.tracking_uri == resolved, written

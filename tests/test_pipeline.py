@@ -1,5 +1,7 @@
-"""The DVC pipeline end to end: `dvc repro` and `dvc exp run` in a fresh copy of the project on
-the tiny Llama, with MLflow's default store at the repo root."""
+"""The DVC pipeline end to end: `dvc repro`, `dvc exp run` and a queued experiment
+(`dvc exp run --queue` + `dvc queue start`) in a fresh copy of the project on the tiny Llama, with
+data and model beside the repo named by relative paths (as params.yaml names ../shared) and
+MLflow's default store at the repo root."""
 
 import json
 import math
@@ -7,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,19 @@ def _assert_finite(metrics: dict[str, dict], k: int) -> None:
             assert math.isfinite(m[key]), (variant, key)
 
 
+def _wait_for_queue(repo: Path, timeout_s: float = 600.0) -> str:
+    """Poll `dvc queue status` until no task is queued or running; the last status table."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = _dvc(repo, "queue", "status")
+        rows = [line.split() for line in table.splitlines()[1:] if line.strip()]
+        if not any(("Queued" in row or "Running" in row) for row in rows):
+            return table
+        if time.monotonic() > deadline:
+            pytest.fail(f"queued experiment still unfinished after {timeout_s:.0f} s:\n{table}")
+        time.sleep(2)
+
+
 def _experiments(shown: list[dict]) -> list[dict]:
     """The experiment entries (with name, params and metrics) of ``dvc exp show --json``."""
     found = []
@@ -93,11 +109,17 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
     show` lists; `dvc exp run -S k=4` re-trains with k=4 (recorded by `dvc exp show`, the
     metrics JSON and MLflow); every run logs to <repo root>/mlflow.db by default (2 variants x
     2 pipeline runs, each under its parent run, artifacts in <repo root>/mlartifacts), the
-    experiment's runs tagged with its name; the pipeline ends up to date."""
+    experiment's runs tagged with its name; a queued experiment, run by `dvc queue start` in a
+    copy under .dvc/tmp/exps/, finds the data through the same relative paths, shows its
+    metrics in `dvc exp show` and logs to the repo's mlflow.db; the pipeline ends up to date."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_project(repo)
-    params = make_tiny_params(tiny_llama_dir, tiny_corpus, None)
+    # Relative to the repo root, like params.yaml's ../shared/...: they must mean the same in
+    # the workspace and in the temporary copies where queued experiments run.
+    corpus = [os.path.relpath(d, repo) for d in tiny_corpus]
+    params = make_tiny_params(Path(os.path.relpath(tiny_llama_dir, repo)), corpus, None)
+    assert all(p.startswith("..") for p in (*corpus, params["model"]["name_or_path"]))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(repo, "git", "init", "-q")
     _dvc(repo, "init", "-q")
@@ -153,4 +175,40 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
         assert run.data.tags["dvc_exp_name"] == (exp_name if in_exp else "")
         assert run.data.tags.get("dvc_exp_baseline_rev") == (baseline if in_exp else None)
 
+    _check_queued_experiment(repo, params["tracking"]["experiment"], exp_name)
     assert json.loads(_dvc(repo, "status", "--json")) == {}
+
+
+def _check_queued_experiment(repo: Path, tracking_experiment: str, first_exp: str) -> None:
+    """`dvc exp run --queue -S evaluate.n_ctx=4` then `dvc queue start`: the run succeeds in its
+    temporary copy, `dvc exp show` lists its metrics (CE on 4 contexts: a ce_clean of its own),
+    and its MLflow parent run is FINISHED in <repo>/mlflow.db."""
+    from mlflow import MlflowClient
+
+    _dvc(repo, "exp", "run", "--queue", "-S", "evaluate.n_ctx=4", "--name", "queued-nctx4")
+    # Not _dvc: the worker's monitor inherits the command's stdout/stderr, so captured pipes
+    # would stay open (and block) until the worker exits.
+    log_path = repo.parent / "queue-start.log"
+    with log_path.open("w") as log:
+        cmd = (str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "1")
+        started = subprocess.run(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=log, timeout=300)
+    assert started.returncode == 0, log_path.read_text()
+    table = _wait_for_queue(repo)
+    if "Success" not in table:
+        pytest.fail(f"{table}\n{_dvc(repo, 'queue', 'logs', 'queued-nctx4')[-8000:]}")
+    _dvc(repo, "queue", "stop")
+    exps = {e["name"]: e for e in _experiments(json.loads(_dvc(repo, "exp", "show", "--json")))}
+    assert set(exps) == {first_exp, "queued-nctx4"}
+    queued, first = exps["queued-nctx4"]["data"], exps[first_exp]["data"]
+    assert queued["params"]["params.yaml"]["data"]["evaluate"]["n_ctx"] == 4
+    for v in VARIANTS:
+        m = queued["metrics"][f"metrics/{v}.json"]["data"]
+        assert m["k"] == 4 and all(math.isfinite(m[key]) for key in METRIC_KEYS), v
+        assert m["ce_clean"] != first["metrics"][f"metrics/{v}.json"]["data"]["ce_clean"], v
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tracking_experiment)
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`saelab.role` = 'pipeline' and tags.dvc_exp_name = 'queued-nctx4'",
+    )
+    assert [r.info.status for r in parents] == ["FINISHED"]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from saelab.tracking import flatten, mlflow_run, repo_root, tracking_uri, write_json_atomic
+from saelab.config import repo_root
+from saelab.tracking import flatten, mlflow_run, tracking_uri, write_json_atomic
 
 
 @pytest.fixture

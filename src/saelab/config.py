@@ -4,11 +4,19 @@ Every hyperparameter of the pipeline lives in ``params.yaml`` and nowhere else; 
 in ``dvc.yaml``. :func:`load_params` turns the YAML into a :class:`PipelineConfig`; an unknown key,
 a missing key or a value out of range raises :class:`ConfigError` whose one-line message names the
 dotted key and what is allowed, before any stage does work.
+
+Relative paths in params (``data.corpus_dirs``, a local ``model.name_or_path``, a relative
+``sqlite:///`` or plain-path ``tracking.tracking_uri``) mean paths relative to the repository
+root, and are made absolute here, once, against :func:`repo_root`: ``../shared/data`` is the
+same directory in the workspace, in ``dvc exp run --temp`` and in ``dvc queue start`` runs,
+which execute in a throw-away copy under ``<repo>/.dvc/tmp/exps/`` (see :func:`resolve_paths`).
+Absolute paths, ``~`` paths and hub ids (``org/name``) are left as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -83,10 +91,7 @@ class ModelConfig:
             "model.hookpoint",
             "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post",
         )
-        looks_local = (
-            self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1
-        )
-        if looks_local or self.gguf_file is not None:
+        if _looks_local(self.name_or_path) or self.gguf_file is not None:
             path = Path(self.name_or_path).expanduser()
             _require(path.is_dir(), "model.name_or_path", f"an existing directory; {path} is not")
             if self.gguf_file is not None:
@@ -432,7 +437,9 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py)."""
+    """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py); a
+    relative ``sqlite:///<path>`` or plain path is relative to the repo root
+    (:func:`resolve_paths`)."""
 
     experiment: str
     tracking_uri: str | None
@@ -552,15 +559,83 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**{n: _convert(raw[n], hints[n], dot + n) for n in names})
 
 
-def parse_params(raw: Mapping[str, Any]) -> PipelineConfig:
-    """Build and validate a :class:`PipelineConfig` from the parsed params mapping.
+def _looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: starts with ``.``, ``/`` or ``~``, or has more than one ``/``
+    (hub ids are ``name`` or ``org/name``)."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def repo_root() -> Path:
+    """The repository root that relative paths in params, and MLflow's default store, refer to.
+
+    ``$DVC_ROOT`` when set: DVC sets it for every stage command, and for ``dvc exp run`` (workspace,
+    ``--temp`` or queued) to the root of the repository the experiment was started from, not the
+    temporary copy under ``<repo>/.dvc/tmp/exps/`` it executes in (DVC 3.x,
+    ``dvc/repo/experiments/queue/base.py``). Should ``$DVC_ROOT`` name such a copy (a DVC that
+    does not override it), the root is taken above its ``.dvc`` folder. Outside DVC: the working
+    directory. Returned resolved (absolute, no symlinks).
+    """
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def resolve_path(path: str, root: Path) -> str:
+    """``path`` made absolute against ``root`` (lexically: ``root/../x`` -> ``<parent>/x``);
+    absolute and ``~`` paths returned unchanged."""
+    if path.startswith("~") or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(root, path))
+
+
+def _resolve_uri(uri: str | None, root: Path) -> str | None:
+    """A relative ``sqlite:///<path>`` or a plain relative path (MLflow's file store) made
+    absolute against ``root``; any other URI (``sqlite:////abs``, ``http://``, ...) unchanged."""
+    if uri is None:
+        return None
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :]
+        return uri if db in ("", ":memory:") else "sqlite:///" + resolve_path(db, root)
+    if "://" not in uri and not uri.startswith("file:"):
+        return resolve_path(uri, root)
+    return uri
+
+
+def resolve_paths(cfg: PipelineConfig, root: Path) -> PipelineConfig:
+    """``cfg`` with its relative path params made absolute against ``root`` (module docstring).
+
+    ``model.name_or_path`` is a path when it looks like one (:func:`_looks_local`) or names an
+    existing directory under ``root`` (as transformers prefers a local directory over a hub id);
+    otherwise it is a hub id and kept. ``model.gguf_file`` stays relative to that directory.
+    """
+    model, name = cfg.model, cfg.model.name_or_path
+    if _looks_local(name) or (name and (root / name).is_dir()):
+        model = dataclasses.replace(model, name_or_path=resolve_path(name, root))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data, corpus_dirs=tuple(resolve_path(d, root) for d in cfg.data.corpus_dirs)
+        ),
+        model=model,
+        tracking=dataclasses.replace(
+            cfg.tracking, tracking_uri=_resolve_uri(cfg.tracking.tracking_uri, root)
+        ),
+    )
+
+
+def parse_params(raw: Mapping[str, Any], root: Path | None = None) -> PipelineConfig:
+    """Build and validate a :class:`PipelineConfig` from the parsed params mapping, relative
+    paths made absolute against ``root`` (default :func:`repo_root`; see :func:`resolve_paths`).
 
     Raises:
         ConfigError: unknown, missing, mistyped or out-of-range key (the message names it).
     """
     if not isinstance(raw, Mapping):
         raise ConfigError("params: the file must hold a mapping of keys")
-    cfg = _build(PipelineConfig, raw)
+    cfg = resolve_paths(_build(PipelineConfig, raw), repo_root() if root is None else root)
     cfg.validate()
     return cfg
 

@@ -1,13 +1,13 @@
 """Run tracking: an MLflow tracker, a null tracker, and the metrics JSON that DVC reads.
 
-The MLflow store defaults to ``sqlite:///<repo root>/mlflow.db``. The repo root is ``$DVC_ROOT``
-(set by DVC for stage commands), except that a queued/temporary ``dvc exp run`` executes in a
-throw-away copy under ``<repo>/.dvc/tmp/exps/``: runs logged there would be deleted with it, so
-the root is taken above that ``.dvc`` folder. ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri``
-in params override the default. Artifacts of an experiment created here go to
-``<directory of mlflow.db>/mlartifacts`` (git-ignored), not MLflow's default ``./mlruns``
-relative to the working directory, which under a temporary ``dvc exp run`` copy would be deleted
-with it.
+The MLflow store defaults to ``sqlite:///<repo root>/mlflow.db``, the root of
+:func:`saelab.config.repo_root` (``$DVC_ROOT``), which is also what relative paths in params are
+relative to: a queued/temporary ``dvc exp run`` executes in a throw-away copy under
+``<repo>/.dvc/tmp/exps/``, and runs logged there would be deleted with it.
+``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` in params override the default.
+Artifacts of an experiment created here go to ``<directory of mlflow.db>/mlartifacts``
+(git-ignored), not MLflow's default ``./mlruns`` relative to the working directory, which under
+a temporary ``dvc exp run`` copy would be deleted with it.
 
 One pipeline run = one MLflow parent run with a nested run per variant (tag
 ``mlflow.parentRunId``). Stages run as separate processes, so the parent is found by its tags:
@@ -28,6 +28,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
+
+from saelab.config import repo_root
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +105,6 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Copy the files of ``local_dir`` into the run's artifacts (under ``artifact_path``)."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-
-def repo_root() -> Path:
-    """The project root that outlives ``dvc exp`` temp copies (see the module docstring)."""
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
 
 
 def tracking_uri(configured: str | None) -> str:
