@@ -11,8 +11,9 @@ unseen in training): the k latents with the largest ``|mean_pos - mean_neg|`` on
 contexts (``get_top_k_mean_diff_mask``), then scikit-learn's ``LogisticRegression`` (L2, C = 1,
 ``max_iter`` 1000, SAEBench's ``train_sklearn_probe``) on those k latents only. Reported: the
 held-out accuracy, averaged over the task's classes, for k in ``structure.ks``
-(``sp_<task>_k<k>``); the same with k latents drawn at random (``sp_<task>_random_k<k>``, mean
-of ``structure.random_draws`` draws); and the ceiling, a probe on the mean-pooled raw residual
+(``sp_<task>_k<k>``); the same with k latents drawn at random among those that fire on some
+training context (``sp_<task>_random_k<k>``, mean of ``structure.random_draws`` draws; not in
+SAEBench); and the ceiling, a probe on the mean-pooled raw residual
 stream (``sp_<task>_raw``; SAEBench's ``llm_test_accuracy``; features standardised, C = 1).
 Departure: SAEBench balances each binary task by subsampling negatives to the positives'
 count; here the probe is fitted with ``class_weight='balanced'`` and scored by balanced
@@ -210,7 +211,8 @@ def probe_tasks(
             rng = np.random.default_rng([p.seed, k])
 
             def pick(x: np.ndarray, y: np.ndarray, f: int, c: int, k: int = k) -> np.ndarray:
-                return rng.choice(x.shape[1], k, replace=False)  # noqa: B023 (called at once)
+                live = np.flatnonzero(x.max(0) > 0)  # latents that fire on a train context
+                return rng.choice(live, min(k, len(live)), replace=False)  # noqa: B023
 
             draws = [task_correct(feats, ctx_doc, task, pick) for _ in range(p.random_draws)]
             put(f"{name}_random_k{k}", np.mean(draws, axis=0), task)
