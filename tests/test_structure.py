@@ -156,6 +156,7 @@ def test_planted_absorption_is_scored_absorbed() -> None:
     cos = dec_proj / np.linalg.norm(dec, axis=1)
     assert word_absorption(codes[absorbed], 1.0, dec_proj, cos, [0]) == (1.0, True)
     assert word_absorption(codes[absorbed - 1], 1.0, dec_proj, cos, [0]) == (0.0, False)
+    assert word_absorption(codes[absorbed], -1.0, dec_proj, cos, [0]) == (0.0, False)  # x.p < 0
     m = absorption_metrics(sae, data, P)
     assert m["absorption_letters"] == 1 and m["absorption_main_latents"] == 1
     assert m["absorption_fraction"] == pytest.approx(0.25)

@@ -288,6 +288,8 @@ def word_absorption(
     others[main] = False
     candidates = np.sort(proj[others & (cos >= FRACTION_COS) & (proj > 0)])[::-1][:MAX_ABSORBING]
     absorbing = float(candidates.sum())
+    if x_proj <= 0:  # SAEBench's ratios are then negative or undefined: never absorption
+        return 0.0, False
     if main_proj >= x_proj or absorbing / x_proj < PROJECTION_SHARE:
         fraction = 0.0
     elif main_proj <= 0:
@@ -299,7 +301,6 @@ def word_absorption(
     full = (
         all(acts[j] < EPS for j in main)
         and cos[top] >= FULL_ABSORPTION_COS
-        and x_proj >= 0
         and proj[top] / x_proj >= PROJECTION_SHARE
     )
     return fraction, bool(full)
