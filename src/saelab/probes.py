@@ -130,16 +130,24 @@ def document_label(doc: Document, task: str) -> str | None:
 
 
 def make_task(
-    docs: Sequence[Document], task: str, min_docs: int, n_folds: int, seed: int
+    docs: Sequence[Document],
+    task: str,
+    min_docs: int,
+    n_folds: int,
+    seed: int,
+    usable: Sequence[bool] | None = None,
 ) -> ProbeTask:
     """Label ``docs`` for ``task``, keep classes with >= ``min_docs`` documents, and assign each
     labelled document a fold: per class, a seeded permutation of its documents dealt round-robin
-    over ``min(n_folds, smallest class size)`` folds (stratified, by document).
+    over ``min(n_folds, smallest class size)`` folds (stratified, by document). ``usable [n]``
+    (default all): documents to label; the others (no context drawn from them) get -1.
 
     Raises:
         ValueError: fewer than two classes remain.
     """
     names = [document_label(d, task) for d in docs]
+    if usable is not None:  # documents that gave no context (shorter than ctx_len) are unlabelled
+        names = [n if ok else None for n, ok in zip(names, usable, strict=True)]
     counts: dict[str, int] = {}
     for n in names:
         if n is not None:
@@ -157,7 +165,7 @@ def make_task(
     return ProbeTask(task, classes, label, fold, folds)
 
 
-def _tasks(docs: Sequence[Document], p: Any) -> list[ProbeTask]:
+def _tasks(docs: Sequence[Document], p: Any, usable: Sequence[bool]) -> list[ProbeTask]:
     """The tasks of :data:`TASKS` the corpus supports (>= 2 classes; the others are logged and
     skipped, e.g. ``author`` without a ``gutenberg`` source).
 
@@ -168,7 +176,7 @@ def _tasks(docs: Sequence[Document], p: Any) -> list[ProbeTask]:
     for t in TASKS:
         min_docs = p.min_docs_per_decade if t == "decade" else p.min_docs_per_class
         try:
-            tasks.append(make_task(docs, t, min_docs, p.n_folds, p.seed))
+            tasks.append(make_task(docs, t, min_docs, p.n_folds, p.seed, usable))
         except ValueError as e:
             log.warning("skipping %s", e)
     if not tasks:
@@ -387,7 +395,7 @@ def build_probe_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     docs = read_corpus(cfg.data.corpus_dirs)
     ids = _tokenize([d.text for d in docs], tok)
     contexts, ctx_doc = sample_contexts(docs, ids, p.contexts_per_source, cfg.data.ctx_len)
-    tasks = _tasks(docs, p)
+    tasks = _tasks(docs, p, np.bincount(ctx_doc, minlength=len(docs)) > 0)
     prompts = letter_prompts(tok, p.n_words, p.icl_examples, 0.2, p.seed)
     model = load_model(cfg.model, resolve_device(cfg.model.device))
     t_model = time.perf_counter()

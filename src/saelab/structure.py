@@ -149,6 +149,8 @@ def task_correct(
         train, test = (label >= 0) & (fold != f), (label >= 0) & (fold == f)
         for c in range(len(task.classes)):
             y = label[train] == c
+            if y.all() or not y.any() or not test.any():
+                continue  # a fold without both classes in training (left NaN: not scored)
             cols = slice(None) if select is None else select(feats[train], y, f, c)
             pred = _fit_predict(feats[train][:, cols], y, feats[test][:, cols], scale)
             out[c, test] = pred == (label[test] == c)
