@@ -75,6 +75,10 @@ def test_folds_split_by_document_and_stratify() -> None:
     assert task.label[-1] == -1 and task.fold[-1] == -1
     for c in range(3):
         assert sorted(task.fold[task.label == c]) == [0, 1, 2]
+    usable = [True] * len(docs)
+    usable[0] = False  # a document that gave no context: unlabelled, and class a drops to 2
+    task = make_task(docs, "author", min_docs=2, n_folds=5, seed=0, usable=usable)
+    assert task.label[0] == -1 and task.fold[0] == -1 and task.n_folds == 2
 
 
 def test_context_windows_and_pooling() -> None:
