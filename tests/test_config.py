@@ -67,6 +67,10 @@ def test_default_params_load_and_are_frozen() -> None:
         ("variant_params.relu.init_b_enc", "x", "relu.init_b_enc must be one of zero, quantile"),
         ("variant_params.switch.n_experts", 0, "switch.n_experts must be an integer >= 1"),
         ("variant_params.switch.balance_coef", -1.0, "switch.balance_coef must be a number >= 0"),
+        ("structure.ks", [], "structure.ks must be a non-empty list of integers > 0"),
+        ("structure.n_folds", 1, "structure.n_folds must be an integer >= 2"),
+        ("structure.n_words", 50, "structure.n_words must be an integer >= 10 * (structure.icl"),
+        ("structure.min_probe_f1", 1.0, "structure.min_probe_f1 must be a number in [0, 1)"),
     ],
 )
 def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) -> None:

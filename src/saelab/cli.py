@@ -406,6 +406,39 @@ def export_cmd(sae_dir: str, out: str, model_name: str | None) -> None:
         raise click.ClickException(str(e)) from e
 
 
+@cli.command("probe-data")
+@PARAMS
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="probe zarr group")
+def probe_data(params_path: str, out: str) -> None:
+    """Probe contexts, first-letter prompts and their raw-activation probes (saelab.probes)."""
+    from saelab.probes import build_probe_data
+
+    build_probe_data(load_params(params_path), Path(out))
+
+
+@cli.command()
+@PARAMS
+@VARIANT
+@click.option("--probes", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
+def structure(
+    params_path: str, variant: str, probes: str, activations: str, sae_dir: str, out: str
+) -> None:
+    """Sparse probing, feature absorption and feature sharing of one SAE (saelab.structure)."""
+    from saelab.structure import run_structure
+    from saelab.tracking import write_json_atomic
+
+    cfg = load_params(params_path)
+    sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
+    if sae_cfg["variant"] != variant:
+        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg['variant']} SAE, not {variant}")
+    metrics = run_structure(cfg, Path(sae_dir), Path(probes), Path(activations))
+    write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
+    log.info("%s structure: %s", variant, json.dumps(metrics, indent=1))
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     # SystemExit unwinds the stack, so temp outputs (atomic_dir, ActivationWriter) are removed.
     sys.exit(128 + signum)

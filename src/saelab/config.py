@@ -436,6 +436,61 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class StructureConfig:
+    """probe_data and structure@<variant> stages (definitions: saelab.probes, saelab.structure).
+
+    contexts_per_source: sparse-probing contexts (of data.ctx_len tokens) per corpus source,
+        shared evenly among its documents.
+    min_docs_per_class: a source or author class needs this many documents (split by document).
+    min_docs_per_decade: a decade class needs this many speeches.
+    n_folds: document folds (fewer when a class has fewer documents).
+    ks: latents the sparse probes may use (SAEBench: 1, 2, 5; the issue adds 10, 20).
+    random_draws: draws of k random latents for the random baseline.
+    n_words: first-letter words (80% train, 20% test; SAEBench: the whole vocabulary).
+    icl_examples: ICL examples per first-letter prompt (SAEBench: 10).
+    max_k: largest k of the letter k-sparse probes (SAEBench max_k_value 10).
+    f1_jump_threshold: F1 gain that adds a main latent (SAEBench 0.03).
+    l1_decay: L1 coefficient of the letters' latent-selection probe (SAEBench 0.01).
+    min_probe_f1: letters whose probe F1 is at most this are not scored (SAEBench 0.6).
+    n_bootstrap: resamples of every interval.
+    seed: every draw (contexts' folds, words, ICL examples, random latents, bootstrap).
+    """
+
+    contexts_per_source: int
+    min_docs_per_class: int
+    min_docs_per_decade: int
+    n_folds: int
+    ks: tuple[int, ...]
+    random_draws: int
+    n_words: int
+    icl_examples: int
+    max_k: int
+    f1_jump_threshold: float
+    l1_decay: float
+    min_probe_f1: float
+    n_bootstrap: int
+    seed: int
+
+    def validate(self) -> None:
+        for key in ("contexts_per_source", "random_draws", "max_k", "n_bootstrap", "icl_examples"):
+            _require(getattr(self, key) > 0, f"structure.{key}", "an integer > 0")
+        for key in ("min_docs_per_class", "min_docs_per_decade"):
+            _require(getattr(self, key) >= 2, f"structure.{key}", "an integer >= 2")
+        _require(self.n_folds >= 2, "structure.n_folds", "an integer >= 2")
+        _require(
+            len(self.ks) > 0 and all(k > 0 for k in self.ks), "structure.ks",
+            "a non-empty list of integers > 0",
+        )  # fmt: skip
+        _require(
+            self.n_words >= 10 * (self.icl_examples + 1), "structure.n_words",
+            "an integer >= 10 * (structure.icl_examples + 1) (each 80/20 split needs examples)",
+        )  # fmt: skip
+        for key in ("f1_jump_threshold", "l1_decay"):
+            _require(getattr(self, key) >= 0, f"structure.{key}", "a number >= 0")
+        _require(0 <= self.min_probe_f1 < 1, "structure.min_probe_f1", "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py); a
     relative ``sqlite:///<path>`` or plain path is relative to the repo root
@@ -468,6 +523,7 @@ class PipelineConfig:
     evaluate: EvalConfig
     tracking: TrackingConfig
     features: FeaturesConfig
+    structure: StructureConfig
 
     def validate(self) -> None:
         _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
@@ -485,15 +541,8 @@ class PipelineConfig:
                 f"cache.{key}",
                 f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
             )
-        sections = (
-            self.data,
-            self.model,
-            self.cache,
-            self.sae,
-            self.train,
-            self.evaluate,
-            self.features,
-        )
+        sections = (self.data, self.model, self.cache, self.sae, self.train, self.evaluate,
+                    self.features, self.structure)  # fmt: skip
         for section in (*sections, self.variant_params):
             section.validate()
         self.tracking.validate()
