@@ -53,9 +53,9 @@ def test_planted_feature_k1_probe_is_perfect_and_random_latents_are_chance() -> 
     feats[:, 7] = 5.0 * y + rng.normal(scale=0.1, size=len(ctx_doc))
     out = probe_tasks(feats, ctx_doc, [task], (1,), P)
     assert out["sp_source_k1"] == 1.0
-    assert (out["sp_source_k1_lo"], out["sp_source_k1_hi"]) == (1.0, 1.0)
+    assert (out["sp_source_k1_ci_low"], out["sp_source_k1_ci_high"]) == (1.0, 1.0)
     assert abs(out["sp_source_random_k1"] - 0.5) < 0.15
-    assert out["sp_source_random_k1_lo"] < 0.5 < out["sp_source_random_k1_hi"] + 0.1
+    assert out["sp_source_random_k1_ci_low"] < 0.5 < out["sp_source_random_k1_ci_high"] + 0.1
 
 
 def test_top_k_mean_diff_ranks_by_absolute_difference() -> None:
@@ -165,7 +165,7 @@ def test_planted_absorption_is_scored_absorbed() -> None:
     assert m["absorption_letters"] == 1 and m["absorption_main_latents"] == 1
     assert m["absorption_fraction"] == pytest.approx(0.25)
     assert m["full_absorption_rate"] == pytest.approx(0.25)
-    assert m["absorption_fraction_lo"] <= 0.25 <= m["absorption_fraction_hi"]
+    assert m["absorption_fraction_ci_low"] <= 0.25 <= m["absorption_fraction_ci_high"]
 
 
 def test_random_sae_shows_no_absorption() -> None:
@@ -260,7 +260,7 @@ def test_structure_stage_writes_every_metric(structure_run, variant) -> None:
 
     m = json.loads((structure_run / f"metrics/structure/{variant}.json").read_text())
     for key in ("sp_source_raw", "sp_source_k1", "sp_source_k2", "sp_source_random_k1"):
-        assert 0.0 <= m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"] <= 1.0
+        assert 0.0 <= m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"] <= 1.0
     assert "sp_author_k1" not in m and "sp_decade_k1" not in m
     for mode in ("train", "eval"):
         assert 0 < m[f"sharing_{mode}_distinct_latents"] <= 128

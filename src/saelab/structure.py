@@ -193,12 +193,12 @@ def probe_tasks(
 ) -> dict[str, float]:
     """Sparse-probing metrics (module docstring) of ``feats [n_ctx, F]`` for every task: with
     ``ks`` None the probe on all features (``sp_<task>_raw``), else ``sp_<task>_k<k>`` and
-    ``sp_<task>_random_k<k>``, each with ``_lo`` / ``_hi``."""
+    ``sp_<task>_random_k<k>``, each with ``_ci_low`` / ``_ci_high``."""
     out: dict[str, float] = {}
 
     def put(key: str, correct: np.ndarray, task: ProbeTask) -> None:
         acc, lo, hi = balanced_accuracy(correct, ctx_doc, task, p.n_bootstrap, p.seed)
-        out.update({key: acc, f"{key}_lo": lo, f"{key}_hi": hi})
+        out.update({key: acc, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
 
     for task in tasks:
         name = f"sp_{task.name}"
@@ -354,7 +354,7 @@ def _aggregate_absorption(
             draws = rng.integers(0, len(v[idx]), (p.n_bootstrap, len(v[idx])))
             boot += v[idx][draws].mean(1)
         lo, hi = percentile_interval(boot / n)
-        out.update({key: float(point), f"{key}_lo": lo, f"{key}_hi": hi})
+        out.update({key: float(point), f"{key}_ci_low": lo, f"{key}_ci_high": hi})
         out[f"{key}_std_letters"] = (
             float(np.std([v[idx].mean() for v in per_letter.values()], ddof=1)) if n > 1 else 0.0
         )
@@ -422,8 +422,8 @@ def sharing_metrics(
             out.update(
                 {
                     f"sharing_{mode}_{key}": float(vals.mean()),
-                    f"sharing_{mode}_{key}_lo": lo,
-                    f"sharing_{mode}_{key}_hi": hi,
+                    f"sharing_{mode}_{key}_ci_low": lo,
+                    f"sharing_{mode}_{key}_ci_high": hi,
                 }
             )
         c = counts.numpy()
@@ -431,7 +431,7 @@ def sharing_metrics(
         ent = _entropy(np.vstack([c.sum(0, keepdims=True), w @ c]))
         lo, hi = percentile_interval(ent[1:])
         prefix = f"sharing_{mode}_usage_entropy"
-        out.update({prefix: float(ent[0]), f"{prefix}_lo": lo, f"{prefix}_hi": hi})
+        out.update({prefix: float(ent[0]), f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi})
         out[f"sharing_{mode}_usage_entropy_norm"] = float(ent[0] / np.log(d_sae))
         out[f"sharing_{mode}_effective_latents"] = float(np.exp(ent[0]))
     return out
