@@ -309,8 +309,15 @@ def evaluate(
     help="directory of the evaluate stage's <variant>.json histograms",
 )
 @click.option(
-    "--per-context", "per_context_dir", default=None, type=click.Path(exists=True, file_okay=False),
+    "--per-context",
+    "per_context_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
     help="directory of the evaluate stage's <variant>.npz per-context sums: paired comparisons",
+)
+@click.option(
+    "--structure", "structure_dir", default=None, type=click.Path(exists=True, file_okay=False),
+    help="directory of the structure stage's <variant>.json: merged into the summary rows",
 )  # fmt: skip
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="summary JSON")
 @click.option(
@@ -325,6 +332,7 @@ def summarize(
     metrics_dir: str,
     hist_dir: str,
     per_context_dir: str | None,
+    structure_dir: str | None,
     out: str,
     plots_dir: str,
 ) -> None:
@@ -342,7 +350,11 @@ def summarize(
     )
 
     cfg = load_params(params_path)
-    data = comparison(_per_variant(metrics_dir, cfg.variants), _per_variant(hist_dir, cfg.variants))
+    metrics = _per_variant(metrics_dir, cfg.variants)
+    if structure_dir is not None:
+        structure = _per_variant(structure_dir, cfg.variants)
+        metrics = [{**s, **m} for m, s in zip(metrics, structure, strict=True)]
+    data = comparison(metrics, _per_variant(hist_dir, cfg.variants))
     for name in PLOT_FILES:
         write_json_atomic(Path(plots_dir) / name, data[name])
     with atomic_dir(Path(plots_dir) / "png") as tmp:

@@ -36,6 +36,11 @@ SUMMARY_KEYS = (
     "ce_loss_recovered", "ce_loss_recovered_ci_low", "ce_loss_recovered_ci_high",
     "ce_loss_recovered_mean", "kl_div", "kl_div_ci_low", "kl_div_ci_high",
     "excluded_token_fraction", "train_tokens_per_s",
+    # structure@<variant> (saelab.structure), when summarize is given its metrics
+    "sp_source_k1", "sp_source_k5", "sp_author_k1", "sp_author_k5", "sp_decade_k1",
+    "sp_decade_k5", "absorption_fraction", "full_absorption_rate",
+    "sharing_train_distinct_latents", "sharing_train_pool_mass_share",
+    "sharing_eval_usage_entropy_norm",
 )  # fmt: skip
 PAIRED = ("delta_ce", "kl_div", "fvu", "nmse")  # metrics compared pairwise on the same contexts
 PLOT_FILES = ("pareto.json", "l0_hist.json", "density_hist.json")
