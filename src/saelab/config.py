@@ -350,7 +350,7 @@ class SwitchParams:
     n_experts: number of experts E; must divide ``sae.d_sae``, with ``k <= d_sae / E``.
     balance_coef: α of the load-balancing loss ``α E Σ_e f_e P_e``, added to the FVU loss. The
         paper's α = 3 multiplies ``d_in E Σ f P`` added to a summed squared error; relative to
-        an FVU that is ``α d_in / V`` (V: total variance per token), ~0.14 (docs/fidelity.md).
+        an FVU that is ``α d_in / V`` (V: total variance per token), ~0.03 (docs/fidelity.md).
     """
 
     n_experts: int

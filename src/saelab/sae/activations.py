@@ -504,8 +504,8 @@ class JumpReLU(SparsityActivation):
     - init: θ = ``init_threshold`` (paper units) for every latent (the paper: 0.001), or, when it
       is None, the first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
       relu(pre_acts), so L0 starts at k;
-    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``); docs/fidelity.md
-      measures whether it is still needed once ε is in the paper's units.
+    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``); whether it is still
+      needed once ε is in the paper's units is not measured yet (docs/fidelity.md).
     """
 
     variant = "jumprelu"

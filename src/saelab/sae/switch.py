@@ -60,7 +60,7 @@ class SwitchSAE(SparseAutoencoder):
         balance_coef: α of the load-balancing loss, added to the FVU. The paper's α ~ 3 is
             added as ``α d_in LB`` to a summed squared error (reference trainer); relative to
             an FVU that is ``α d_in / V`` with V the inputs' total variance per token (see
-            docs/fidelity.md: ~0.14 for the paper's GPT-2 runs).
+            docs/fidelity.md: ~0.03 for the paper's GPT-2 runs).
         generator: RNG for the init. Router init: ``W_router ~ N(0, 1 / d_in)``, ``b_router``
             = 0 until :meth:`init_b_dec_` sets it with ``b_dec``.
 
