@@ -12,8 +12,19 @@ from saelab.sae import BatchTopK, JumpReLU, ReLU, Sampled, SparseAutoencoder, ma
 from saelab.sae.activations import POOLS, SCORES, feature_scores, select_pool
 
 HPARAMS = {
-    "relu": {"l1_coef": 0.1, "init_b_enc": "zero"},
-    "jumprelu": {"bandwidth": 0.5, "l0_coef": 3.0, "init_threshold": 0.2, "threshold_lr_scale": 2},
+    "relu": {
+        "l1_coef": 0.1,
+        "init_b_enc": "zero",
+        "sparsity_warmup": 0.05,
+        "decoder_init_norm": 0.1,
+    },
+    "jumprelu": {
+        "bandwidth": 0.5,
+        "l0_coef": 3.0,
+        "init_threshold": 0.2,
+        "threshold_lr_scale": 2,
+        "sparsity_warmup": 0.1,
+    },
     "sampled": {"l": 2, "score": "l2", "pool": "sample", "seed": 0},
 }
 

@@ -268,7 +268,8 @@ class NoParams:
 
 @dataclass(frozen=True)
 class ReLUParams:
-    """relu: ReLU + decoder-norm-weighted L1 (Conerly et al. 2024, April update).
+    """relu: ReLU + decoder-norm-weighted L1, the April 2024 recipe (Conerly et al. 2024):
+    unconstrained decoder norms, L1 weighted by them, λ warm-up.
 
     l1_coef: weight of ``mean_t sum_i f_ti ||W_dec,i||`` next to the FVU loss. It sets L0 (k is
         not used by this variant); FVU is normalised by the batch variance, so the equivalent of
@@ -276,13 +277,25 @@ class ReLUParams:
         λ / d_in.
     init_b_enc: ``zero`` (the update) or ``quantile`` (L0 starts at k; see
         :class:`~saelab.sae.activations.ReLU`).
+    sparsity_warmup: fraction of the steps over which l1_coef ramps up from 0 (the update: 0.05).
+    decoder_init_norm: norm of each decoder row at init (the update: 0.05 to 1; SAELens: 0.1).
     """
 
     l1_coef: float
     init_b_enc: str
+    sparsity_warmup: float
+    decoder_init_norm: float
 
     def validate(self) -> None:
         _require(self.l1_coef >= 0, "variant_params.relu.l1_coef", "a number >= 0")
+        _require(
+            0 <= self.sparsity_warmup <= 1,
+            "variant_params.relu.sparsity_warmup",
+            "a number in [0, 1]",
+        )
+        _require(
+            self.decoder_init_norm > 0, "variant_params.relu.decoder_init_norm", "a number > 0"
+        )
         _require(
             self.init_b_enc in RELU_INIT_B_ENC,
             "variant_params.relu.init_b_enc",
@@ -294,19 +307,21 @@ class ReLUParams:
 class JumpReLUParams:
     """jumprelu: JumpReLU trained to L0 = k (Rajamanoharan et al. 2024; loss: activations.py).
 
-    bandwidth: width ε of the rectangle kernel of the straight-through estimator, in units of
-        the scaled pre-activations (the paper: 0.001).
+    bandwidth: width ε of the rectangle kernel of the straight-through estimator, in the
+        paper's units: pre-activations of inputs with E||x||^2 = 1 (the paper: 0.001). The
+        trainer's inputs have E||x||^2 = d_in, so the kernel it applies is sqrt(d_in) wider.
     l0_coef: λ of the target-L0 loss ``λ (L0 / k - 1)^2``.
-    init_threshold: initial θ of every latent, or null: the first batch's BatchTopK threshold,
-        so that L0 starts at k.
-    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ;
-        at 1, θ cannot follow the encoder in a few hundred steps and L0 falls far below k).
+    init_threshold: initial θ of every latent (paper units, as bandwidth), or null: the first
+        batch's BatchTopK threshold, so that L0 starts at k.
+    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ).
+    sparsity_warmup: fraction of the steps over which l0_coef ramps up from 0.
     """
 
     bandwidth: float
     l0_coef: float
     init_threshold: float | None
     threshold_lr_scale: float
+    sparsity_warmup: float
 
     def validate(self) -> None:
         key = "variant_params.jumprelu"
@@ -318,6 +333,7 @@ class JumpReLUParams:
             "null (from the first batch) or a number > 0",
         )
         _require(self.threshold_lr_scale > 0, f"{key}.threshold_lr_scale", "a number > 0")
+        _require(0 <= self.sparsity_warmup <= 1, f"{key}.sparsity_warmup", "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -326,7 +342,9 @@ class SampledParams:
 
     l: pool size factor (1: only k candidate features per batch; large: plain BatchTopK).
     score: feature score over the batch, one of :data:`SAMPLED_SCORES`.
-    pool: ``top`` (the k * l best scores) or ``sample`` (drawn proportionally to the score).
+    pool: ``top`` (the k * l best scores) or ``sample`` (successive sampling: k * l draws
+        without replacement, each proportional to the score among the features left; inclusion
+        is not proportional to the score).
     seed: seed of the pool draw's generator.
     """
 
@@ -350,7 +368,9 @@ class SwitchParams:
     n_experts`` latents each (width-matched to the dense variants).
 
     n_experts: number of experts E; must divide ``sae.d_sae``, with ``k <= d_sae / E``.
-    balance_coef: α of the load-balancing loss ``α E Σ_e f_e P_e`` (the paper: ~3).
+    balance_coef: α of the load-balancing loss ``α E Σ_e f_e P_e``, added to the FVU loss. The
+        paper's α = 3 multiplies ``d_in E Σ f P`` added to a summed squared error; relative to
+        an FVU that is ``α d_in / V`` (V: total variance per token), ~0.03 (docs/fidelity.md).
     """
 
     n_experts: int

@@ -3,9 +3,10 @@
 The loop follows the recipe shared by Gao et al. 2024 (TopK SAEs) and Bussmann et al. 2024
 (BatchTopK): inputs scaled so that E||x||^2 = d_in, b_dec initialised at the geometric median of a
 first batch, Adam, FVU loss plus the AuxK loss on dead latents (top-k families) and the
-activation's own sparsity loss (L1 for ReLU, L0 for JumpReLU), decoder rows kept at unit norm with
-the parallel gradient removed, linear warm-up and linear decay of the learning rate. At the end the
-input scale is folded into the weights, so the returned SAE acts on raw activations.
+activation's own sparsity loss (L1 for ReLU, L0 for JumpReLU; both warmed up), decoder rows kept
+at unit norm with the parallel gradient removed (but for ReLU + L1, Conerly et al. 2024), linear
+warm-up and linear decay of the learning rate. At the end the input scale is folded into the
+weights, so the returned SAE acts on raw activations.
 
 Shapes: ``batch`` tokens, ``d_in`` input width, ``d_sae`` latents; tensors are float32.
 """
@@ -53,10 +54,12 @@ _INFERENCE_L0_BATCHES = 4  # last training batches on which the eval-mode SAE is
 
 class StepResult(NamedTuple):
     """metrics: loss, fvu, aux_loss, sparsity_loss, l0 (floats); fired [d_sae] bool: nonzero
-    somewhere in x."""
+    somewhere in x; seen [d_sae] int64: tokens of x each latent could fire on
+    (:meth:`~saelab.sae.model.SparseAutoencoder.tokens_seen`)."""
 
     metrics: dict[str, float]
     fired: Tensor
+    seen: Tensor
 
 
 def auto_lr(d_sae: int) -> float:
@@ -80,6 +83,15 @@ def lr_at(step: int, n_steps: int, lr: float, warmup_steps: int, decay_fraction:
     if decay_steps > 0:
         factor = min(factor, (n_steps - step) / decay_steps)
     return lr * max(factor, 0.0)
+
+
+def sparsity_warmup_factor(step: int, n_steps: int, fraction: float) -> float:
+    """Weight of the sparsity loss at 0-based ``step``: ``min(1, (step + 1) / w)`` with
+    ``w = ceil(fraction * n_steps)`` warm-up steps, 1 throughout when ``fraction`` is 0. The
+    λ warm-up of Conerly et al. 2024 (first 5% of training) and of JumpReLU trainers (Gemma
+    Scope: 10,000 steps; dictionary_learning's ``sparsity_warmup_steps``)."""
+    warmup_steps = math.ceil(fraction * n_steps)
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def estimate_input_scale(batches: Iterable[Tensor], n_tokens: int) -> float:
@@ -198,15 +210,22 @@ def train_step(
     grad_clip: float,
     sparse: bool = True,
     autocast: torch.dtype | None = None,
+    sparsity_scale: float = 1.0,
 ) -> StepResult:
     """One optimisation step on ``x [batch, d_in]`` (already scaled); ``dead [d_sae]`` bool.
 
-    loss = fvu(x, recon) + aux_coef * auxk_loss + sparsity_loss, where AuxK applies only when the
-    activation ``uses_auxk`` (top-k families and Switch) and ``sparsity_loss`` is the variant's
-    own weighted penalty (:meth:`~saelab.sae.model.SparseAutoencoder.sparsity_loss`: L1, target
-    L0, Switch's load balancing; 0 for the top-k families); backward; remove the decoder
-    gradient parallel to its rows; clip the gradient norm to ``grad_clip``; optimizer step;
-    renormalise decoder rows. ``aux_loss`` and
+    loss = fvu(x, recon) + aux_coef * auxk_loss + sparsity_scale * sparsity_loss, where AuxK
+    applies only when the activation ``uses_auxk`` (top-k families and Switch) and
+    ``sparsity_loss`` is the variant's own weighted penalty
+    (:meth:`~saelab.sae.model.SparseAutoencoder.sparsity_loss`: L1, target L0, Switch's load
+    balancing; 0 for the top-k families) and ``sparsity_scale`` its warm-up factor
+    (:func:`sparsity_warmup_factor`); backward; remove the decoder gradient parallel to its
+    rows; clip the gradient norm to ``grad_clip``; optimizer step; renormalise decoder rows. The
+    two decoder steps are skipped when the activation has ``unit_norm_decoder`` false (ReLU + L1,
+    whose recipe leaves the norms free). A BatchTopK (Sampled) activation that is
+    ``estimating`` gets its ``last_min_kept`` from float32 pre-activations computed outside
+    autocast when the forward ran in bf16
+    (:meth:`~saelab.sae.activations.BatchTopK.batch_threshold`). ``aux_loss`` and
     ``sparsity_loss`` in the metrics are the weighted terms, so
     ``loss = fvu + aux_loss + sparsity_loss``; ``l0`` is the mean number of nonzero acts per token.
 
@@ -218,6 +237,7 @@ def train_step(
     ignored (float32) for an activation that is not ``autocast_safe`` (JumpReLU).
     """
     enabled = autocast is not None and sae.activation.autocast_safe
+    seen = sae.tokens_seen(x)
     with torch.autocast(x.device.type, dtype=autocast, enabled=enabled):
         out = sae.forward_sparse(x) if sparse and sae.sparse_training else sae(x)
         fvu_loss = fvu(x, out.recon.float())
@@ -225,19 +245,33 @@ def train_step(
         if aux_coef > 0 and sae.activation.uses_auxk:
             residual_BD = (x - out.recon.float()).detach()
             aux = aux_coef * auxk_loss(sae, x, residual_BD, dead, k_aux).float()
-        sparsity = sae.sparsity_loss(x, out).float()
+        sparsity = sparsity_scale * sae.sparsity_loss(x, out).float()
         loss = fvu_loss + aux + sparsity
+    _fp32_threshold(sae, x)
+    unit_norm = sae.activation.unit_norm_decoder
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    sae.remove_parallel_decoder_grad_()
+    if unit_norm:
+        sae.remove_parallel_decoder_grad_()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     optimizer.step()
-    sae.normalize_decoder_()
+    if unit_norm:
+        sae.normalize_decoder_()
     with torch.no_grad():
         l0, fired = _activity(out, x.shape[0], sae.d_sae)
         metrics = torch.stack([loss, fvu_loss, aux, sparsity.float(), l0]).detach()
     names = ("loss", "fvu", "aux_loss", "sparsity_loss", "l0")
-    return StepResult(dict(zip(names, metrics.tolist(), strict=True)), fired)
+    return StepResult(dict(zip(names, metrics.tolist(), strict=True)), fired, seen)
+
+
+@torch.no_grad()
+def _fp32_threshold(sae: SparseAutoencoder, x: Tensor) -> None:
+    """Set an estimating BatchTopK's ``last_min_kept`` from float32 pre-activations of ``x``
+    when the forward left it None (it ran under bf16 autocast), before the weights change."""
+    act = sae.activation
+    if isinstance(act, BatchTopK) and act.training and act.estimating and act.last_min_kept is None:
+        with torch.autocast(x.device.type, enabled=False):
+            act.last_min_kept = act.batch_threshold(sae.encode_pre(x.float()))
 
 
 class _LoopState:
@@ -263,11 +297,12 @@ class _LoopState:
         return self._earlier_seconds + time.perf_counter() - self._started
 
     def dead(self) -> Tensor:
-        """[d_sae] bool: latents silent for at least ``dead_tokens`` tokens (Gao et al., A.2)."""
+        """[d_sae] bool: latents silent for at least ``dead_tokens`` tokens they could have fired
+        on (Gao et al., A.2; for Switch, tokens routed to the latent's expert)."""
         return self.silent_tokens >= self.dead_tokens
 
     def record(self, result: StepResult, x_raw: Tensor) -> None:
-        self.silent_tokens.add_(x_raw.shape[0]).masked_fill_(result.fired, 0)
+        self.silent_tokens.add_(result.seen).masked_fill_(result.fired, 0)
         self.tokens += x_raw.shape[0]
         self.window.append(result.metrics)
         self.final.append(result.metrics)
@@ -489,7 +524,13 @@ class _Run:
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         x_BD = x_raw_BD * self.scale
-        result = train_step(self.sae, optimizer, x_BD, state.dead(), **self.step_kwargs)
+        activation = self.sae.activation
+        if isinstance(activation, BatchTopK):  # the unrestricted θ only on the averaged steps
+            activation.estimating = step >= self.threshold_start
+        warmup = sparsity_warmup_factor(step, cfg.n_steps, activation.sparsity_warmup)
+        result = train_step(
+            self.sae, optimizer, x_BD, state.dead(), sparsity_scale=warmup, **self.step_kwargs
+        )
         state.record(result, x_raw_BD)
         min_kept = getattr(self.sae.activation, "last_min_kept", None)
         if step >= self.threshold_start and min_kept is not None:

@@ -41,6 +41,13 @@ class SparsityActivation(nn.Module):
     - :meth:`hparams`: the constructor's keyword arguments, saved in ``cfg.json`` so that
       ``make_activation(variant, k, **hparams)`` rebuilds the same strategy on load.
     - ``lr_scale``: learning-rate multiplier for the strategy's own parameters (if any).
+    - ``unit_norm_decoder``: whether the trainer keeps decoder rows at unit norm (removing the
+      parallel gradient, Gao et al. 2024, sec. 2.4); false for ReLU + L1, whose recipe
+      (Conerly et al. 2024) leaves decoder norms free and weights the L1 term by them.
+    - ``decoder_init_norm``: norm of every decoder row at init (1 unless the recipe says else).
+    - ``sparsity_warmup``: fraction of the training steps over which the trainer ramps the
+      sparsity loss's weight linearly from 0 to 1 (0: none); the λ warm-up of the L1 and L0
+      recipes (Conerly et al. 2024; Rajamanoharan et al. 2024).
     - :meth:`rng_state` / :meth:`set_rng_state`: the strategy's own RNG, for training
       checkpoints (none by default).
     """
@@ -50,13 +57,17 @@ class SparsityActivation(nn.Module):
     sparse_training: bool = False
     autocast_safe: bool = True
     lr_scale: float = 1.0
+    unit_norm_decoder: bool = True
+    decoder_init_norm: float = 1.0
+    sparsity_warmup: float = 0.0
     k: int
 
     def forward(self, pre_acts: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def bind(self, d_sae: int) -> None:
-        """Size per-latent state for ``d_sae`` latents (called by ``SparseAutoencoder``)."""
+    def bind(self, d_sae: int, d_in: int | None = None) -> None:
+        """Size per-latent state for ``d_sae`` latents of an SAE on ``d_in``-wide inputs
+        (called by ``SparseAutoencoder``; None: unknown, as in unit tests)."""
 
     @torch.no_grad()
     def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
@@ -138,8 +149,12 @@ class BatchTopK(SparsityActivation):
     Training mode: keep the ``k * batch`` largest entries of relu(pre_acts) across the whole
     batch, so the batch's mean L0 is k while one token may use more or fewer than k latents. The
     smallest positive kept value of the batch, i.e. the global threshold that keeps the same
-    entries, is stored (detached, fp32 scalar tensor, NaN when nothing positive was kept) in
-    ``last_min_kept`` for the trainer's threshold estimate.
+    entries (:meth:`batch_threshold`), is stored (detached, fp32 scalar tensor, NaN when nothing
+    positive was kept) in ``last_min_kept`` for the trainer's threshold estimate, but only while
+    ``estimating`` is true (the trainer sets it on the steps whose estimates it averages) and the
+    pre-activations are float32. Otherwise ``last_min_kept`` is None; under bf16 autocast the
+    trainer then computes :meth:`batch_threshold` on float32 pre-activations itself, so θ never
+    carries bf16 rounding (~0.4% of the value).
 
     Eval mode: ``acts = pre_acts * (pre_acts > threshold)`` with one global threshold θ (the
     ``threshold`` buffer, fp32 scalar, saved with the model), so a token's code no longer depends on
@@ -158,6 +173,7 @@ class BatchTopK(SparsityActivation):
         self.k = k
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.last_min_kept: Tensor | None = None
+        self.estimating = True  # record last_min_kept in training mode (set by the trainer)
 
     def forward(self, pre_acts: Tensor) -> Tensor:
         """pre_acts [batch, d_sae] -> acts [batch, d_sae] (see the class docstring)."""
@@ -167,8 +183,7 @@ class BatchTopK(SparsityActivation):
             rows_K, cols_K = self._kept(pre_acts.detach())
             kept_K = rows_K * pre_acts.shape[1] + cols_K  # flat indices
         values_K = pre_acts.flatten().gather(0, kept_K).relu()
-        with torch.no_grad():
-            self.last_min_kept = self._batch_threshold(pre_acts, values_K)
+        self._record_threshold(pre_acts.detach(), values_K.detach())
         return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_K, values_K).view_as(pre_acts)
 
     @torch.no_grad()
@@ -176,12 +191,28 @@ class BatchTopK(SparsityActivation):
         """(rows, cols) [k * batch] int64 of the kept entries (training mode), token-major; sets
         ``last_min_kept`` as :meth:`forward` does."""
         rows_K, cols_K = self._kept(pre_acts)
-        self.last_min_kept = self._batch_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
+        self._record_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
         return rows_K, cols_K
 
-    def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
-        """The batch's threshold estimate (fp32 scalar, NaN if none): the smallest positive kept
-        act ``values_K``, the global threshold that selects this batch's kept set."""
+    @torch.no_grad()
+    def _record_threshold(self, pre_acts: Tensor, values_K: Tensor) -> None:
+        """``last_min_kept`` = :meth:`batch_threshold` while ``estimating`` on float32
+        ``pre_acts``, else None (class docstring)."""
+        fp32 = pre_acts.dtype == torch.float32
+        self.last_min_kept = (
+            self.batch_threshold(pre_acts, values_K) if self.estimating and fp32 else None
+        )
+
+    @torch.no_grad()
+    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
+        """The batch's threshold estimate (fp32 scalar tensor, NaN if none) for ``pre_acts
+        [batch, d_sae]``: the smallest positive of the ``k * batch`` largest entries, the global
+        threshold that selects this batch's kept set (Bussmann et al. 2024, sec. 3).
+        ``values_K`` [k * batch]: the kept acts when the caller has them (their minimum is the
+        answer); None: the selection is redone on ``pre_acts`` (use float32 for a float32 θ)."""
+        if values_K is None:
+            rows_K, cols_K = batch_topk(pre_acts, self.k * pre_acts.shape[0])
+            values_K = pre_acts[rows_K, cols_K]
         return _min_positive(values_K)
 
     def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -296,14 +327,23 @@ def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
 
 
 class ReLU(SparsityActivation):
-    """ReLU with a decoder-norm-weighted L1 penalty (Conerly et al. 2024, "Circuits Updates,
-    April 2024": training SAEs).
+    """ReLU + L1 as in Anthropic's April 2024 recipe (Conerly et al. 2024, "Circuits Updates,
+    April 2024", "Training SAEs"; SAELens's ``standard`` training with
+    ``scale_sparsity_penalty_by_decoder_norm``; dictionary_learning's
+    ``StandardTrainerAprilUpdate``).
 
     ``acts = relu(pre_acts)``; sparsity loss ``l1_coef * mean_t sum_i f_ti ||W_dec,i||``. The
-    trainer keeps decoder rows at unit norm, where the weight is 1; the norm keeps the penalty
-    invariant to moving scale between f_i and W_dec,i (e.g. after
-    :meth:`~saelab.sae.model.SparseAutoencoder.fold_input_scale_`), as in the April update, where
-    decoder rows are not constrained. L0 follows from ``l1_coef``; ``k`` only sets the init.
+    recipe's three parts:
+
+    - decoder norms are unconstrained (``unit_norm_decoder`` false: the trainer neither
+      renormalises the rows nor removes the parallel gradient), so the norm weighting is what
+      stops the SAE from shrinking f_i and growing ||W_dec,i|| to dodge the L1 penalty;
+    - decoder rows start as random directions of norm ``decoder_init_norm`` (the update: 0.05
+      to 1 depending on the model; 0.1 in SAELens), ``W_enc = W_dec^T``;
+    - λ warm-up: the trainer ramps ``l1_coef`` linearly from 0 over the first
+      ``sparsity_warmup`` fraction of the steps (the update: 5%).
+
+    L0 follows from ``l1_coef``; ``k`` only sets the init.
 
     ``init_b_enc``: ``zero`` is the update's ``b_enc = 0``, where about half the latents fire on
     every token at first (L0 ~2,300 of 4,608 on SmolLM2). Adam moves b_enc by about lr per
@@ -316,18 +356,33 @@ class ReLU(SparsityActivation):
     """
 
     variant = "relu"
+    unit_norm_decoder = False
     INIT_B_ENC = ("zero", "quantile")
 
-    def __init__(self, k: int, l1_coef: float, init_b_enc: str) -> None:
+    def __init__(
+        self,
+        k: int,
+        l1_coef: float,
+        init_b_enc: str,
+        sparsity_warmup: float = 0.0,
+        decoder_init_norm: float = 1.0,
+    ) -> None:
         super().__init__()
         if k <= 0 or not l1_coef >= 0 or init_b_enc not in self.INIT_B_ENC:
             raise ValueError(
                 f"ReLU: need k > 0, l1_coef >= 0, init_b_enc in {self.INIT_B_ENC}; "
                 f"got k={k}, l1_coef={l1_coef}, init_b_enc={init_b_enc!r}"
             )
+        if not 0 <= sparsity_warmup <= 1 or not decoder_init_norm > 0:
+            raise ValueError(
+                "ReLU: need 0 <= sparsity_warmup <= 1 and decoder_init_norm > 0; got "
+                f"{sparsity_warmup}, {decoder_init_norm}"
+            )
         self.k = k
         self.l1_coef = l1_coef
         self.init_b_enc = init_b_enc
+        self.sparsity_warmup = sparsity_warmup
+        self.decoder_init_norm = decoder_init_norm
 
     @torch.no_grad()
     def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
@@ -349,7 +404,12 @@ class ReLU(SparsityActivation):
         return self.l1_coef * (acts @ W_dec.norm(dim=1)).mean()
 
     def hparams(self) -> dict[str, Any]:
-        return {"l1_coef": self.l1_coef, "init_b_enc": self.init_b_enc}
+        return {
+            "l1_coef": self.l1_coef,
+            "init_b_enc": self.init_b_enc,
+            "sparsity_warmup": self.sparsity_warmup,
+            "decoder_init_norm": self.decoder_init_norm,
+        }
 
     def extra_repr(self) -> str:
         return f"k={self.k}, l1_coef={self.l1_coef:g}"
@@ -414,35 +474,44 @@ class JumpReLU(SparsityActivation):
     ``acts = z * H(z - θ)`` with a learnable per-latent threshold ``θ = exp(log_threshold)``
     (``log_threshold`` [d_sae], float32 ``nn.Parameter``, saved with the SAE; the log keeps θ > 0
     and, as in the paper, θ in fp32 whatever the dtype of z). θ's gradient comes from the
-    straight-through estimator with a rectangle kernel of width ``bandwidth`` (ε), both through
-    the JumpReLU and through the Heaviside of the L0 count (see :class:`_JumpReLUFn`,
-    :class:`_StepFn`); z gets no gradient from the L0 term (paper, sec. 4).
+    straight-through estimator with a rectangle kernel of width ε, both through the JumpReLU and
+    through the Heaviside of the L0 count (see :class:`_JumpReLUFn`, :class:`_StepFn`); z gets
+    no gradient from the L0 term (paper, sec. 4).
+
+    Units. The paper's ε = 0.001 (and its θ init 0.001) are pre-activation values of inputs
+    normalised to unit mean squared norm, E||x||^2 = 1 (the paper's training set-up, also
+    Gemma Scope's and SAELens's ``jumprelu`` defaults). The trainer scales inputs to
+    E||x||^2 = d_in instead (Gao et al. 2024), which multiplies every pre-activation by
+    sqrt(d_in) (24 for SmolLM2's d_in = 576). So ``bandwidth`` and ``init_threshold`` are given
+    in the paper's units and applied as ``ε = bandwidth * sqrt(d_in)`` (``bind`` learns d_in
+    from the SAE); taken literally in our units, ε = 0.001 would be 24x narrower than the
+    paper's and the kernel would cover almost no pre-activation.
 
     Sparsity loss, target L0 = ``k``: ``l0_coef * (L0 / k - 1)^2`` with
     ``L0 = mean_t sum_i H(z_ti - θ_i)``. The paper's ``λ L0`` fixes λ, not L0, so every k would
     need its own λ sweep; the quadratic penalty around the target is dictionary_learning's
     ``JumpReluTrainer`` (saprmarks/dictionary_learning, ``trainers/jumprelu.py``,
     ``sparsity_coefficient * ((l0 / target_l0) - 1)^2``) and makes ``k`` mean the same as for
-    the top-k variants. It pushes θ up while L0 > k, down while L0 < k, against the
-    reconstruction loss, which pushes θ down; L0 settles near k (closer for larger ``l0_coef``).
+    the top-k variants. Its weight is warmed up linearly from 0 over the first
+    ``sparsity_warmup`` fraction of the steps (Gemma Scope: the first 10,000 steps;
+    dictionary_learning's ``sparsity_warmup_steps``; the trainer applies it).
 
     Short runs (a few hundred steps, not the paper's ~100k): under Adam, log θ moves by about
     lr per step, ~0.1 in all over 224 steps at lr 4e-4, while the encoder drifts; z gets
-    reconstruction gradient only where z > θ, so a latent pushed below θ stays off and L0 falls
-    (16 -> 2.6 on a synthetic run with k = 16). Hence two departures from the paper, both
-    optional:
+    reconstruction gradient only where z > θ, so a latent pushed below θ stays off and L0 falls.
+    Hence two departures from the paper, both optional:
 
-    - init: θ = ``init_threshold`` for every latent (the paper: 0.001), or, when it is None, the
-      first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
+    - init: θ = ``init_threshold`` (paper units) for every latent (the paper: 0.001), or, when it
+      is None, the first training batch's BatchTopK threshold, the ``(k * batch)``-th largest of
       relu(pre_acts), so L0 starts at k;
-    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``; 30 brings the run
-      above to L0 16.4 and, on SmolLM2 layer 15 with k = 32, 224 steps, to L0 31.4).
+    - ``threshold_lr_scale`` multiplies θ's learning rate (``lr_scale``); whether it is still
+      needed once ε is in the paper's units is not measured yet (docs/fidelity.md).
     """
 
     variant = "jumprelu"
-    # bf16 resolves ~0.008 near 1, coarser than the STE's bandwidth (0.001): the rectangle
-    # kernel then sees almost no pre-activation and θ stops learning (synthetic run: L0 2.4
-    # instead of 3.6 with k = 4, FVU 0.30 instead of 0.24). So JumpReLU trains in float32.
+    # bf16 resolves ~0.008 near 1, about the STE's bandwidth: the rectangle kernel then sees
+    # few pre-activations and θ stops learning (synthetic run: L0 2.4 instead of 3.6 with
+    # k = 4, FVU 0.30 instead of 0.24). So JumpReLU trains in float32.
     autocast_safe = False
     log_threshold: nn.Parameter
 
@@ -453,6 +522,7 @@ class JumpReLU(SparsityActivation):
         l0_coef: float,
         init_threshold: float | None,
         threshold_lr_scale: float = 1.0,
+        sparsity_warmup: float = 0.0,
     ) -> None:
         super().__init__()
         if k <= 0 or not bandwidth > 0 or not l0_coef >= 0 or not threshold_lr_scale > 0:
@@ -461,11 +531,15 @@ class JumpReLU(SparsityActivation):
             )
         if init_threshold is not None and not init_threshold > 0:
             raise ValueError(f"JumpReLU: init_threshold must be None or > 0, got {init_threshold}")
+        if not 0 <= sparsity_warmup <= 1:
+            raise ValueError(f"JumpReLU: sparsity_warmup must be in [0, 1], got {sparsity_warmup}")
         self.k = k
         self.bandwidth = bandwidth
         self.l0_coef = l0_coef
         self.init_threshold = init_threshold
         self.lr_scale = threshold_lr_scale
+        self.sparsity_warmup = sparsity_warmup
+        self.unit = 1.0  # pre-activation units per paper unit: sqrt(d_in), set by bind()
         self.log_threshold = nn.Parameter(torch.zeros(0))  # sized by bind()
 
     @property
@@ -473,21 +547,28 @@ class JumpReLU(SparsityActivation):
         """θ = exp(log_threshold), [d_sae] float32 (attached to the graph)."""
         return self.log_threshold.exp()
 
-    def bind(self, d_sae: int) -> None:
-        """Create ``log_threshold [d_sae]`` = log(init_threshold), or 0 (θ = 1) until
-        :meth:`init_from_batch_` sets it."""
-        init = 1.0 if self.init_threshold is None else self.init_threshold
+    @property
+    def eps(self) -> float:
+        """The kernel width ε in the trainer's pre-activation units: ``bandwidth * sqrt(d_in)``
+        (class docstring; ``bandwidth`` itself when ``bind`` got no d_in)."""
+        return self.bandwidth * self.unit
+
+    def bind(self, d_sae: int, d_in: int | None = None) -> None:
+        """Create ``log_threshold [d_sae]`` = log(init_threshold * sqrt(d_in)), or 0 (θ = 1)
+        until :meth:`init_from_batch_` sets it; ``d_in`` None: paper units are taken as ours."""
+        self.unit = 1.0 if d_in is None else math.sqrt(d_in)
+        init = 1.0 if self.init_threshold is None else self.init_threshold * self.unit
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init)))
 
     @torch.no_grad()
     def init_from_batch_(self, pre_acts: Tensor, b_enc: Tensor | None = None) -> None:
         """When ``init_threshold`` is None: θ_i = the ``(k * batch)``-th largest entry of
-        relu(pre_acts [batch, d_sae]) for every i (at least ``bandwidth``), so L0 starts at k."""
+        relu(pre_acts [batch, d_sae]) for every i (at least ε), so L0 starts at k."""
         if self.init_threshold is not None:
             return
         relu_N = pre_acts.float().relu().flatten()
         n_keep = min(self.k * pre_acts.shape[0], relu_N.numel())
-        theta = relu_N.topk(n_keep, sorted=False).values.min().clamp_min(self.bandwidth)
+        theta = relu_N.topk(n_keep, sorted=False).values.min().clamp_min(self.eps)
         self.log_threshold.fill_(float(theta.log()))
 
     def forward(self, pre_acts: Tensor) -> Tensor:
@@ -497,11 +578,11 @@ class JumpReLU(SparsityActivation):
                 f"JumpReLU: {self.log_threshold.numel()} thresholds for "
                 f"{pre_acts.shape[-1]} latents; build it through SparseAutoencoder or bind()"
             )
-        return _JumpReLUFn.apply(pre_acts, self.threshold, self.bandwidth)
+        return _JumpReLUFn.apply(pre_acts, self.threshold, self.eps)
 
     def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
         """``l0_coef * (L0 / k - 1)^2``, L0 = mean_t sum_i H(pre_acts_ti - θ_i) (STE for θ)."""
-        l0 = _StepFn.apply(pre_acts, self.threshold, self.bandwidth).sum(dim=-1).mean()
+        l0 = _StepFn.apply(pre_acts, self.threshold, self.eps).sum(dim=-1).mean()
         return self.l0_coef * (l0 / self.k - 1.0).pow(2)
 
     def hparams(self) -> dict[str, Any]:
@@ -510,10 +591,13 @@ class JumpReLU(SparsityActivation):
             "l0_coef": self.l0_coef,
             "init_threshold": self.init_threshold,
             "threshold_lr_scale": self.lr_scale,
+            "sparsity_warmup": self.sparsity_warmup,
         }
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, bandwidth={self.bandwidth:g}, l0_coef={self.l0_coef:g}"
+        return (
+            f"k={self.k}, bandwidth={self.bandwidth:g} (ε={self.eps:g}), l0_coef={self.l0_coef:g}"
+        )
 
 
 SCORES = ("l2", "squared_l2", "entropy")
@@ -553,10 +637,16 @@ def select_pool(
     scores_S: Tensor, n_pool: int, pool: str, generator: torch.Generator | None = None
 ) -> Tensor:
     """Indices [min(n_pool, #positive scores)] of the candidate features, from ``scores_S
-    [d_sae]`` (>= 0). ``top``: the best ``n_pool`` scores (ties in any order). ``sample``: a draw
-    without replacement with probability proportional to the score (``torch.multinomial``, so
-    the next feature is drawn among those left, proportionally to their scores), from
-    ``generator``. Features with score 0 are never chosen."""
+    [d_sae]`` (>= 0). ``top``: the best ``n_pool`` scores (ties in any order). ``sample``:
+    *successive sampling* (sequential probability-proportional-to-size sampling without
+    replacement): ``n_pool`` draws, each among the features not drawn yet with probability
+    proportional to their scores (``torch.multinomial(replacement=False)``, from ``generator``);
+    the same law as the first ``n_pool`` places of a Plackett-Luce ranking. A feature's
+    inclusion probability is *not* proportional to its score (no closed form): it increases
+    with the score but saturates at 1, so high scores are under-weighted relative to
+    proportionality and low ones over-weighted (``tests/test_activations.py`` measures it). The
+    paper (Oozeer et al. 2025, sec. 3) says only that the pool is formed from the scores; this
+    is our reading. Features with score 0 are never chosen."""
     n_pool = min(n_pool, int((scores_S > 0).sum()))
     if pool == "top":
         return scores_S.topk(n_pool, sorted=False).indices
@@ -631,12 +721,15 @@ class Sampled(BatchTopK):
         rows_K, slots_K = batch_topk(pre_acts[:, pool_P], self.k * pre_acts.shape[0])
         return rows_K, pool_P[slots_K]  # [batch, P] -> [batch, d_sae]
 
-    def _batch_threshold(self, pre_acts: Tensor, values_K: Tensor) -> Tensor:
+    @torch.no_grad()
+    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
         """The ``(k * batch)``-th largest entry of relu(``pre_acts``) over all features (class
-        docstring). When the pool held every firing feature this is ``values_K``'s minimum; the
-        selection is redone anyway rather than re-scanning the batch to detect that rare case."""
-        rows_K, cols_K = batch_topk(pre_acts, self.k * pre_acts.shape[0])
-        return _min_positive(pre_acts[rows_K, cols_K])
+        docstring), whatever the pool kept (``values_K`` is ignored). When the pool held every
+        firing feature this is the minimum of the kept acts; the selection is redone anyway
+        rather than re-scanning the batch to detect that rare case. It costs one unrestricted
+        selection, so it runs only on the steps whose estimates the trainer averages
+        (``estimating``)."""
+        return super().batch_threshold(pre_acts, None)
 
     def hparams(self) -> dict[str, Any]:
         return {"l": self.l, "score": self.score, "pool": self.pool, "seed": self.seed}

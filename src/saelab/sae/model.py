@@ -48,9 +48,10 @@ class SparseOutput(NamedTuple):
 class SparseAutoencoder(nn.Module):
     """Sparse autoencoder with a pluggable sparsity ``activation``.
 
-    Init (Gao et al. 2024, sec. 2.4): decoder rows random directions of unit norm, encoder the
-    decoder's transpose, ``b_enc = 0``, ``b_dec = 0`` (the trainer sets ``b_dec`` to the geometric
-    median of a first batch).
+    Init (Gao et al. 2024, sec. 2.4): decoder rows random directions of unit norm (of norm
+    ``activation.decoder_init_norm``: 0.1 for ReLU + L1, Conerly et al. 2024), encoder the
+    decoder's transpose, ``b_enc = 0``, ``b_dec = 0`` (the trainer sets ``b_dec`` to the
+    geometric median of a first batch).
 
     Args:
         d_in: width of the activations.
@@ -71,10 +72,10 @@ class SparseAutoencoder(nn.Module):
         self.d_in = d_in
         self.d_sae = d_sae
         self.activation = activation
-        activation.bind(d_sae)
+        activation.bind(d_sae, d_in)
         self.metadata: dict[str, Any] = {}  # provenance read back by load() (hookpoint, ...)
         W_dec_SD = torch.randn(d_sae, d_in, generator=generator)
-        W_dec_SD /= W_dec_SD.norm(dim=1, keepdim=True)
+        W_dec_SD *= activation.decoder_init_norm / W_dec_SD.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_SD)
         self.W_enc = nn.Parameter(W_dec_SD.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -133,6 +134,12 @@ class SparseAutoencoder(nn.Module):
         attached to the graph (AuxK's dead latents: a GEMM of n columns, not d_sae)."""
         W_enc_DN = self.W_enc[:, latents]
         return torch.addmm(self.b_enc[latents] - self.b_dec @ W_enc_DN, x, W_enc_DN)
+
+    def tokens_seen(self, x: Tensor) -> Tensor:
+        """Per latent, how many tokens of ``x [batch, d_in]`` it could have fired on: [d_sae]
+        int64, ``batch`` for every latent of a dense SAE (the dead-latent counter adds it, Gao
+        et al. 2024, appendix A.2)."""
+        return torch.full((self.d_sae,), x.shape[0], dtype=torch.long, device=x.device)
 
     @property
     def variant(self) -> str:

@@ -23,8 +23,17 @@ Routing is real: the tokens of each expert are gathered, encoded and decoded by 
 expert, and scattered back, so the encoder and decoder cost per token is ``1 / n_experts`` of a
 dense SAE of the same width (the paper's reference code computes the dense encoder and masks it,
 which saves nothing). Unlike the reference code, AuxK is applied (by the trainer, as for TopK):
-a dead latent's pre-activation is computed for the tokens routed to its expert, the other
-entries of :attr:`SAEOutput.pre_acts` are ``-inf``.
+a dead latent's pre-activation is computed for the tokens routed to its expert and scaled by
+the router probability, as a live latent's act is (:meth:`SwitchSAE.pre_acts_of`); the other
+entries are ``-inf``. A latent's dead counter advances only by the tokens routed to its
+expert (:meth:`SwitchSAE.tokens_seen`): a latent cannot fire on a token sent elsewhere, so
+counting every token would call latents of a rarely chosen expert dead while they fire on
+each token they are given.
+
+Encoder bias: the reference's encoder is ``nn.Linear(bias=False)`` (no ``b_enc``); here every
+expert keeps the shared SAE layout's ``b_enc`` slice (so a Switch SAE saves and exports as the
+other variants). It adds ``d_sae`` parameters, one threshold-like offset per latent, which a
+TopK expert could otherwise only get through ``b_dec``.
 """
 
 from __future__ import annotations
@@ -48,7 +57,10 @@ class SwitchSAE(SparseAutoencoder):
             experts together (width-matched to a dense SAE of ``d_sae`` latents).
         k: active latents per token, all within the token's expert.
         n_experts: number of experts E (>= 1; 1 is a dense TopK SAE times p = 1).
-        balance_coef: α of the load-balancing loss (the paper: ~3 removes dead latents).
+        balance_coef: α of the load-balancing loss, added to the FVU. The paper's α ~ 3 is
+            added as ``α d_in LB`` to a summed squared error (reference trainer); relative to
+            an FVU that is ``α d_in / V`` with V the inputs' total variance per token (see
+            docs/fidelity.md: ~0.03 for the paper's GPT-2 runs).
         generator: RNG for the init. Router init: ``W_router ~ N(0, 1 / d_in)``, ``b_router``
             = 0 until :meth:`init_b_dec_` sets it with ``b_dec``.
 
@@ -166,12 +178,25 @@ class SwitchSAE(SparseAutoencoder):
         return rows, cols_BK.flatten(), values_BK.flatten()
 
     def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
-        """As :meth:`SparseAutoencoder.pre_acts_of`, ``-inf`` where the token is routed to
-        another expert than the latent's (as in :meth:`forward`'s pre_acts)."""
-        _, expert_B = self.route(x)
-        pre_BN = super().pre_acts_of(x, latents)
+        """For AuxK: :meth:`SparseAutoencoder.pre_acts_of` times the token's router probability
+        ``p_t,e_t`` (detached), as a live latent's act is ``p_t,e_t * TopK(pre)`` (so the dead
+        latents reconstruct the residual on the same scale as the live ones; the positive factor
+        does not change which are the top ones), and ``-inf`` where the token is routed to
+        another expert than the latent's. [batch, n], attached to the encoder's graph."""
+        with torch.no_grad():
+            probs_BE, expert_B = self.route(x)
+            p_B = probs_BE.gather(1, expert_B[:, None])  # [batch, 1]
+        pre_BN = super().pre_acts_of(x, latents) * p_B
         same_BN = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
         return pre_BN.masked_fill(~same_BN, float("-inf"))
+
+    @torch.no_grad()
+    def tokens_seen(self, x: Tensor) -> Tensor:
+        """[d_sae] int64: the number of tokens of ``x [batch, d_in]`` routed to each latent's
+        expert (module docstring: only those can make it fire)."""
+        _, expert_B = self.route(x)
+        per_expert_E = torch.bincount(expert_B, minlength=self.n_experts)
+        return per_expert_E.repeat_interleave(self.d_expert)
 
     def _to_dense(self, rows_BM: Tensor, expert_B: Tensor, fill: float) -> Tensor:
         """Place each token's ``[d_expert]`` row in its expert's block of a ``[batch, d_sae]``
