@@ -213,3 +213,15 @@ def test_path_params_absolute_hub_ids_and_uris(tmp_path: Path) -> None:
     ]:
         raw["tracking"]["tracking_uri"] = written
         assert parse_params(raw, root=root).tracking.tracking_uri == resolved, written
+
+
+def test_recorded_paths_are_relative_to_the_repo_root_inside_its_parent(tmp_path) -> None:
+    """Outputs record ``../shared/x`` for a path beside the checkout and ``data/x`` inside it, the
+    same from any checkout location; paths elsewhere and hub ids as given."""
+    from saelab.config import recorded_path
+
+    root = tmp_path / "main"
+    assert recorded_path(str(tmp_path / "shared" / "x"), root) == "../shared/x"
+    assert recorded_path(str(root / "data" / "x"), root) == "data/x"
+    assert recorded_path("/elsewhere/models/m", root) == "/elsewhere/models/m"
+    assert recorded_path("HuggingFaceTB/SmolLM2-135M", root) == "HuggingFaceTB/SmolLM2-135M"

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from saelab.config import ConfigError, ModelConfig
+from saelab.config import ConfigError, ModelConfig, recorded_path
 from saelab.splice import CleanPass, SuffixRunner
 from saelab.store import ActivationStore, ActivationWriter, atomic_dir
 
@@ -195,7 +195,7 @@ def compute_baseline(
     )  # fmt: skip
     attrs = {
         "n_ctx": n, "ctx_len": t, "start": start, "max_norm": spec.max_norm,
-        "hookpoint": model_cfg.hookpoint, "model": model_cfg.name_or_path,
+        "hookpoint": model_cfg.hookpoint, "model": recorded_path(model_cfg.name_or_path),
         "gguf_file": model_cfg.gguf_file, "model_dtype": model_cfg.dtype, "d_in": store.d_in,
         "store_dtype": store.dtype, "checks": checks, "clean_forwards": runner.clean_forwards,
         "seconds": time.perf_counter() - begin,

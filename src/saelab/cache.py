@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from saelab.capture import capture_resid
-from saelab.config import PipelineConfig
+from saelab.config import PipelineConfig, recorded_path
 from saelab.store import ActivationWriter
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def cache_split(
     n_ctx, ctx_len = contexts.shape
     d_in = model.config.get_text_config().hidden_size
     attrs = {
-        "model": cfg.model.name_or_path,
+        "model": recorded_path(cfg.model.name_or_path),
         "gguf_file": cfg.model.gguf_file,
         "model_dtype": cfg.model.dtype,
         "hookpoint": cfg.model.hookpoint,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from saelab.allocator import keep_freed_memory
-from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params
+from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params, recorded_path
 
 if TYPE_CHECKING:
     from saelab.store import ActivationStore
@@ -83,14 +83,14 @@ def prepare(params_path: str, out: str) -> None:
             f"params: data.ctx_len must leave each split a whole context ({e})"
         ) from e
     attrs = {
-        "corpus_dirs": list(cfg.data.corpus_dirs),
+        "corpus_dirs": [recorded_path(d) for d in cfg.data.corpus_dirs],
         "docs_per_source": {
             "train": docs_per_source(train_docs),
             "eval": docs_per_source(eval_docs),
         },
         "eval_documents": [d.key for d in eval_docs],
         "fallback_decoded": fallback_decoded(docs),
-        "tokenizer": cfg.model.name_or_path,
+        "tokenizer": recorded_path(cfg.model.name_or_path),
         "separator_token_id": separator_token_id(tokenizer),
         "seed": cfg.data.seed,
     }
@@ -205,7 +205,7 @@ def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iter
 
 def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id: str) -> dict:
     return {
-        "model": cfg.model.name_or_path,
+        "model": recorded_path(cfg.model.name_or_path),
         "gguf_file": cfg.model.gguf_file,
         "hookpoint": cfg.model.hookpoint,
         "context_size": cfg.data.ctx_len,

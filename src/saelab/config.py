@@ -652,6 +652,17 @@ def repo_root() -> Path:
     return root
 
 
+def recorded_path(path: str, root: Path | None = None) -> str:
+    """How a path param is written into outputs (store attrs, cfg.json): relative to the
+    repository root (default :func:`repo_root`) when it lies inside the root's parent folder
+    (the checkout and ``../shared``), so that outputs do not depend on where the checkout is and a
+    queued experiment records what the workspace would; other paths and hub ids unchanged."""
+    root = repo_root() if root is None else root
+    if not os.path.isabs(path) or not Path(path).is_relative_to(root.parent):
+        return path
+    return os.path.relpath(path, root)
+
+
 def resolve_path(path: str, root: Path) -> str:
     """``path`` made absolute against ``root`` (lexically: ``root/../x`` -> ``<parent>/x``);
     absolute and ``~`` paths returned unchanged."""
