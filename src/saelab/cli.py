@@ -29,6 +29,14 @@ PARAMS = click.option(
     type=click.Path(dir_okay=False), help="params.yaml to read every hyperparameter from.",
 )  # fmt: skip
 VARIANT = click.option("--variant", required=True, type=click.Choice(VARIANTS))
+# input directories of the stage commands (each must exist)
+TOKENS = click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+ACTIVATIONS = click.option(
+    "--activations", required=True, type=click.Path(exists=True, file_okay=False)
+)
+SAE_DIR = click.option(
+    "--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False)
+)
 
 
 def _setup_logging() -> None:
@@ -100,7 +108,7 @@ def prepare(params_path: str, out: str) -> None:
 
 @cli.command()
 @PARAMS
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
+@TOKENS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="activation dir")
 def cache(params_path: str, tokens: str, out: str) -> None:
     """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``."""
@@ -126,7 +134,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
 @cli.command()
 @PARAMS
 @VARIANT
-@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@ACTIVATIONS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="SAE directory")
 @click.option(
     "--checkpoints", "checkpoint_dir", default=None, type=click.Path(file_okay=False),
@@ -218,8 +226,8 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
 
 @cli.command()
 @PARAMS
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@TOKENS
+@ACTIVATIONS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="baseline dir")
 def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
     """Clean and ablated CE and the clean LM-head inputs of the eval contexts, shared by every
@@ -234,8 +242,8 @@ def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
 @cli.command()
 @PARAMS
 @VARIANT
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
+@TOKENS
+@ACTIVATIONS
 @click.option(
     "--baseline",
     "baseline_dir",
@@ -243,7 +251,7 @@ def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="the baseline stage's output",
 )
-@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@SAE_DIR
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
 @click.option(
     "--hist",
@@ -400,7 +408,7 @@ def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:
 
 
 @cli.command("export")
-@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@SAE_DIR
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="export directory")
 @click.option(
     "--model-name", default=None,
@@ -432,8 +440,8 @@ def probe_data(params_path: str, out: str) -> None:
 @PARAMS
 @VARIANT
 @click.option("--probes", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@ACTIVATIONS
+@SAE_DIR
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="metrics JSON")
 def structure(
     params_path: str, variant: str, probes: str, activations: str, sae_dir: str, out: str
@@ -598,9 +606,9 @@ def report_cmd(study_dir: str, params_path: str) -> None:
 @cli.command()
 @PARAMS
 @VARIANT
-@click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--activations", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@TOKENS
+@ACTIVATIONS
+@SAE_DIR
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="pages directory")
 def features(
     params_path: str, variant: str, tokens: str, activations: str, sae_dir: str, out: str
