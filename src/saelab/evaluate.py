@@ -454,8 +454,9 @@ def spliced_pass(
         if clean is not None:
             check_cache(clean, x, inputs.store, model_cfg.hookpoint)
         use = ~spared_all[i : i + len(ids)].to(device)
-        out = sae(x[use])
-        recon_stats.update(x[use], out.recon, out.acts)
+        kept = x[use]  # [n_kept, d_in]
+        out = sae(kept)
+        recon_stats.update(kept, out.recon, out.acts)
         spliced = x.clone()
         spliced[use] = out.recon
         sums.add_recon(i, x, spliced, use)
