@@ -58,6 +58,7 @@ ALIASES = {
     "k": "k",
     "sae.d_sae": "d",
     "train.n_tokens": "t",
+    "evaluate.n_ctx": "c",
     "train.seed": "s",
     "variant_params.switch.n_experts": "E",
     "variant_params.sampled.l": "l",
