@@ -219,9 +219,7 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
     main(["report", "--study", str(study_dir), "--params", str(REPO / "params.yaml")])
     text = (study_dir / "report.md").read_text()
     assert "hookpoint `blocks.15.hook_resid_pre`" in text and "917,504" in text
-    assert (
-        "runs in the table: 114 of the 114" in text and "AMD EPYC (torch capability AVX2)" in text
-    )
+    assert "runs in the table: 66 of the 66" in text and "AMD EPYC (torch capability AVX2)" in text
     n_claim_rows = sum(len(c.get("cases") or [{}]) for c in yaml.safe_load(
         (study_dir / "study.yaml").read_text())["claims"])  # fmt: skip
     claim_lines = _claim_lines(text)
@@ -229,7 +227,7 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
     nmse_k = [
         line for line in claim_lines if line.startswith("| BatchTopK lower NMSE than TopK: k")
     ]
-    assert len(nmse_k) == 3 and all(line.endswith("| holds |") for line in nmse_k)
+    assert len(nmse_k) == 4 and all(line.endswith("| holds |") for line in nmse_k)
     assert "No learning-curve data" in text
     pngs = sorted(p.name for p in (study_dir / "png").iterdir())
     assert pngs == sorted([
@@ -239,7 +237,7 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
     for name in pngs:
         assert f"(png/{name})" in text
         assert (study_dir / "png" / name).read_bytes()[:4] == b"\x89PNG"
-    topk = next(r for r in _synthetic_runs(study) if r["run"] == "topk-k32-d4608-t917504-s0")
+    topk = next(r for r in _synthetic_runs(study) if r["run"] == "topk-c128-k32-d4608-t917504-s0")
     assert f"{topk['fvu']:.4g} [{topk['fvu_ci_low']:.4g}, {topk['fvu_ci_high']:.4g}]" in text
 
 
@@ -251,7 +249,7 @@ def test_report_without_runs_says_not_run(tmp_path) -> None:
     main(["report", "--study", str(study_dir), "--params", str(REPO / "params.yaml")])
     text = (study_dir / "report.md").read_text()
     verdicts = [line.rsplit("|", 2)[1].strip() for line in _claim_lines(text)]
-    assert len(verdicts) == 32 and set(verdicts) == {NOT_RUN}  # 10 claims x 3 cases + 2
+    assert len(verdicts) == 28 and set(verdicts) == {NOT_RUN}  # 13 claims, their cases
     assert list((study_dir / "png").iterdir()) == []
 
 
@@ -262,7 +260,7 @@ def test_report_draws_learning_curves(tmp_path) -> None:
     study_dir.mkdir()
     shutil.copy(REPO / "reports" / "main" / "study.yaml", study_dir)
     study = load_study(study_dir)
-    runs = [r for r in _synthetic_runs(study) if r["k"] == 32 and "k_sweep" in r["groups"]]
+    runs = [r for r in _synthetic_runs(study) if "length" in r["groups"]]
     write_table(study.runs_path, runs, ["run"])
     curves = [{"run": r["run"], "step": s, "tokens": 4096 * s, "train_fvu": 1 / s}
               for r in runs for s in (4, 8, 12)]  # fmt: skip

@@ -16,6 +16,7 @@ from saelab.study import (
     curves_from_mlflow,
     exp_run_args,
     expand,
+    experiment_baselines,
     finished_experiments,
     load_study,
     match_run,
@@ -94,16 +95,39 @@ def test_run_name_is_from_overrides_only() -> None:
 
 
 def test_main_study_grid() -> None:
-    """reports/main/study.yaml: 6 x 3 x 3 (k sweep) + 2 x 2 x 3 (new dictionary sizes) + 2 x 3
-    (new width-matched E) + 3 x 3 (FLOP-matched) + 11 x 3 (new l x score) = 114 runs."""
+    """reports/main/study.yaml: 2 x 3 x 3 (k sweep) + 3 (JumpReLU) + 2 x 3 (4x tokens) + 3 x 3
+    (width-matched E) + 4 x 3 (Sampled l) + 2 x 3 (FLOP-matched) + 2 x 2 x 3 (new dictionary
+    sizes) = 66 runs, every one on the same 128 eval contexts."""
     runs = expand(load_study(REPO / "reports" / "main"))
-    assert len(runs) == 114
+    assert len(runs) == 66
     flop = [r for r in runs if "switch_flop" in r.groups]
     shapes = {
         (r.overrides["variant_params.switch.n_experts"], r.overrides["sae.d_sae"]) for r in flop
     }
-    assert shapes == {(2, 9216), (4, 18432), (8, 36864)}
+    assert shapes == {(2, 9216), (4, 18432)}
     assert all(r.overrides["variants"] == [r.variant] for r in runs)
+    assert {r.overrides["evaluate.n_ctx"] for r in runs} == {128}
+    assert [r.groups[0] for r in runs][:18] == ["k_sweep"] * 18  # queued first
+
+
+def test_experiment_baselines_from_git_refs(tmp_path: Path) -> None:
+    """Baselines come from DVC 3's ``refs/exps/<sha[:2]>/<sha[2:]>/<name>`` refs, once each;
+    the queue's and executors' refs are not experiments."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    head = git("rev-parse", "HEAD")
+    for ref in (f"refs/exps/{head[:2]}/{head[2:]}/a-k4", f"refs/exps/{head[:2]}/{head[2:]}/b",
+                "refs/exps/celery/stash", "refs/exps/exec/EXEC_BASELINE"):  # fmt: skip
+        git("update-ref", ref, head)
+    assert experiment_baselines(tmp_path) == [head]
+    assert experiment_baselines(tmp_path / "missing") == []
 
 
 @pytest.mark.parametrize(
@@ -345,7 +369,7 @@ def test_plan_lines_are_accepted_by_dvc(tmp_path) -> None:
     study = load_study(REPO / "reports" / "main")
     runs = [
         next(r for r in expand(study) if "switch_flop" in r.groups and r.seed == 1),
-        next(r for r in expand(study) if r.name == "sampled-k32-d4608-t917504-s2-l4-squared_l2"),
+        next(r for r in expand(study) if r.name == "sampled-c128-k32-d4608-t917504-s2-l4-l2"),
     ]
     for r in runs:
         run(*exp_run_args(r))
