@@ -2,6 +2,8 @@
 
 import sys
 
+import _checkout  # noqa: F401  (first: this checkout's saelab)
+
 from saelab.cli import main
 
 if __name__ == "__main__":
