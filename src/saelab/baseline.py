@@ -13,9 +13,13 @@ non-spared token replaced by the mean activation x̄. It writes:
   ``start .. ctx_len - 2``; start = 1 when position 0 is excluded), ``spared [n_ctx, ctx_len]
   bool`` (tokens that keep their clean activation in every replaced pass: position 0 when
   excluded, and sinks with norm > ``max_norm``) and ``mean_act [d_in] float32``;
-- ``final_hidden/``: an activation store ``[n_ctx * ctx_len, d_in] float32`` of the clean LM
-  head inputs (the final norm's output), so that an SAE's evaluation gets the clean logits with
-  the LM head alone;
+- ``expected_unembed/``: a store ``[n_ctx * n_pred, d_in] float32`` (n_pred = ctx_len - 1 -
+  start predictions per context, context-major) of u = p_cleanᵀ W_U, the LM head's rows
+  averaged under each prediction's clean next-token distribution, and ``kl_const [n_ctx,
+  n_pred] float32`` in ``tokens.npz`` (Σ p log p − p·b_U): with them an SAE's evaluation gets
+  KL(p_clean ‖ q) = kl_const − u·h + logsumexp(W_U h + b_U) from the spliced LM-head input h
+  alone, with no clean logits (:func:`clean_kl_terms`; exact for a linear head, which the CE
+  check below guarantees on the checked batches);
 - ``baseline.json``: the attributes every evaluation checks against (hookpoint, ``max_norm``,
   contexts, model) and the two checks below.
 
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 # (~1e-6); 16-bit stores by their rounding (bf16: 2^-9 per element).
 CACHE_TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 CE_TOLERANCE = 1e-3  # nats/token between the full forward and the suffix from the cache
+EXPECTED_UNEMBED = "expected_unembed"  # the store of u = p_clean^T W_U (module docstring)
 
 
 def token_losses(logits: Tensor, input_ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -60,6 +65,46 @@ def token_losses(logits: Tensor, input_ids: Tensor, start: int) -> tuple[Tensor,
     logp = F.log_softmax(logits[:, start:-1].float(), dim=-1)
     targets = input_ids[:, start + 1 :]
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp
+
+
+def token_ce(logits: Tensor, input_ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """Per-token CE and log-partition logsumexp(logits) [batch, seq−1−start] (float32, nats) of
+    the predictions at positions start..seq−2, without materialising the log-probs (what
+    :func:`token_losses` gives, in one reduction over the vocabulary)."""
+    z = logits[:, start:-1].float()
+    lse = torch.logsumexp(z, dim=-1)
+    target = z.gather(-1, input_ids[:, start + 1 :].unsqueeze(-1)).squeeze(-1)
+    return lse - target, lse
+
+
+def linear_head(model: nn.Module) -> nn.Linear:
+    """The model's LM head (``get_output_embeddings()``), which must be an ``nn.Linear``
+    (weight [vocab, d_model]) for :func:`clean_kl_terms`; ValueError otherwise."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__}'s LM head is {type(head).__name__}, not Linear")
+    return head
+
+
+def clean_kl_terms(logp_clean: Tensor, head: nn.Linear) -> tuple[Tensor, Tensor]:
+    """(u [..., d_model], kl_const [...]) float32 from clean log-probs ``logp_clean [...,
+    vocab]`` such that, for the LM-head input h of any other pass with logits z = W_U h + b_U,
+    KL(p_clean ‖ softmax(z)) = kl_const − u·h + logsumexp(z): u = p_cleanᵀ W_U, kl_const =
+    Σ p log p − p·b_U (expanding log softmax(z) = z − logsumexp(z) in the KL's definition)."""
+    p = logp_clean.exp()
+    u = p @ head.weight.float()
+    const = (p * logp_clean).sum(-1)
+    if head.bias is not None:
+        const = const - p @ head.bias.float()
+    return u, const
+
+
+def kl_from_terms(u: Tensor, kl_const: Tensor, final: Tensor, lse: Tensor) -> Tensor:
+    """KL(p_clean ‖ q) per prediction [...] float32 (nats) from :func:`clean_kl_terms`' ``u``
+    [..., d_model] and ``kl_const`` [...], the pass's LM-head inputs ``final`` [..., d_model]
+    and its log-partition ``lse`` [...] (:func:`token_ce`); the dot product in float64."""
+    dot = (u.double() * final.double()).sum(-1)
+    return (kl_const.double() - dot + lse.double()).float()
 
 
 def spared_mask(x: Tensor, skip_first_position: bool, max_norm: float | None) -> Tensor:
@@ -165,10 +210,12 @@ def compute_baseline(
     runner, checks = SuffixRunner(model, model_cfg), []
     ce = {key: np.empty((n, t - 1 - start), np.float32) for key in ("clean", "zero", "mean")}
     spared_all = np.empty((n, t), bool)
+    kl_const = np.empty((n, t - 1 - start), np.float32)
+    head = linear_head(model)
     begin = time.perf_counter()
     writer = ActivationWriter(
-        out / "final_hidden", n * t, store.d_in, "float32", "none", 0, 64 * t,
-        {"ctx_len": t, "what": "clean LM head input (final norm output)"},
+        out / EXPECTED_UNEMBED, n * (t - 1 - start), store.d_in, "float32", "none", 0,
+        64 * (t - 1 - start), {"ctx_len": t - 1 - start, "what": "p_clean^T W_U per prediction"},
     )  # fmt: skip
     with writer:
         for i in tqdm(range(0, n, spec.batch_size), desc="baseline", unit="batch"):
@@ -177,7 +224,8 @@ def compute_baseline(
             spared = spared_mask(x, spec.skip_first_position, spec.max_norm)
             clean = runner.prepare(ids)
             final = runner.final_hidden(ids.shape, x)
-            ce_clean, _ = token_losses(runner.head(ids.shape, final), ids, start)
+            ce_clean, logp_clean = token_losses(runner.head(ids.shape, final), ids, start)
+            u, c = clean_kl_terms(logp_clean, head)
             if clean is not None:
                 check_cache(clean, x, store, model_cfg.hookpoint)
                 checks.append(_check_ce(clean, ids, start, ce_clean))
@@ -188,10 +236,11 @@ def compute_baseline(
             ce["zero"][rows] = token_losses(runner.logits(ids.shape, zero), ids, start)[0].cpu()
             ce["mean"][rows] = token_losses(runner.logits(ids.shape, mean_x), ids, start)[0].cpu()
             spared_all[rows] = spared.cpu().numpy()
-            writer.write(final.reshape(-1, store.d_in))
+            kl_const[rows] = c.cpu().numpy()
+            writer.write(u.reshape(-1, store.d_in))
     np.savez(
         out / "tokens.npz", ce_clean=ce["clean"], ce_zero_ablated=ce["zero"],
-        ce_mean_ablated=ce["mean"], spared=spared_all, mean_act=mean.numpy(),
+        ce_mean_ablated=ce["mean"], spared=spared_all, mean_act=mean.numpy(), kl_const=kl_const,
     )  # fmt: skip
     attrs = {
         "n_ctx": n, "ctx_len": t, "start": start, "max_norm": spec.max_norm,
@@ -221,11 +270,11 @@ def _check_ce(clean: CleanPass, ids: Tensor, start: int, ce_suffix: Tensor) -> d
 @dataclass(frozen=True)
 class Baseline:
     """A baseline read back (module docstring): arrays of ``tokens.npz``, the attributes of
-    ``baseline.json`` and the ``final_hidden`` store."""
+    ``baseline.json`` and the ``expected_unembed`` store."""
 
     arrays: dict[str, np.ndarray]
     attrs: dict[str, Any]
-    final_hidden: ActivationStore
+    expected_unembed: ActivationStore
 
 
 def load_baseline(path: str | Path) -> Baseline:
@@ -239,12 +288,12 @@ def load_baseline(path: str | Path) -> Baseline:
         attrs = json.loads((path / "baseline.json").read_text())
         with np.load(path / "tokens.npz") as npz:
             arrays = {key: npz[key] for key in npz.files}
-        final = ActivationStore(path / "final_hidden")
+        unembed = ActivationStore(path / EXPECTED_UNEMBED)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(
             f"baseline {path} is missing or corrupt ({e}): re-run the baseline stage"
         ) from e
-    return Baseline(arrays, attrs, final)
+    return Baseline(arrays, attrs, unembed)
 
 
 def run_baseline_stage(cfg: Any, tokens: Path, activations: Path, out: Path) -> dict[str, Any]:

@@ -93,8 +93,10 @@ from saelab.baseline import (
     Baseline,
     check_cache,
     eval_contexts,
+    kl_from_terms,
     load_baseline,
     read_contexts,
+    token_ce,
     token_losses,
 )
 from saelab.capture import Replacement, splice_fn
@@ -436,10 +438,11 @@ def spliced_pass(
 
     For each batch: the cached activations x [batch, seq, d_in]; the SAE's reconstruction of the
     tokens the baseline does not spare; the suffix after the hookpoint on the spliced residual
-    stream (CE per prediction), the clean logits from the baseline's LM-head inputs (KL); and,
+    stream (CE per prediction), KL from the baseline's clean terms and the spliced LM-head
+    input (:func:`saelab.baseline.clean_kl_terms`: no clean logits); and,
     only for contexts with a spared token past position 0 (a sink), the suffix with every
     position but 0 spliced (``ce_all_spliced``; elsewhere it equals ``ce_spliced``). Cost per
-    SAE: one suffix and one LM head per batch, plus the runner's clean forwards (two batches).
+    SAE: one suffix (with its LM head) per batch, plus the runner's clean forwards (two batches).
     """
     base = inputs.baseline
     n, start = len(inputs.contexts), base.attrs["start"]
@@ -460,11 +463,12 @@ def spliced_pass(
         spliced = x.clone()
         spliced[use] = out.recon
         sums.add_recon(i, x, spliced, use)
-        ce, logp = token_losses(runner.logits(ids.shape, spliced), ids, start)
-        t = x.shape[1]
-        final = base.final_hidden.read(i * t, (i + len(ids)) * t).view_as(x).to(device)
-        logp_clean = token_losses(runner.head(ids.shape, final), ids, start)[1]
-        kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+        final = runner.final_hidden(ids.shape, spliced)
+        ce, lse = token_ce(runner.head(ids.shape, final), ids, start)
+        n_pred = ce.shape[1]
+        u = base.expected_unembed.read(i * n_pred, (i + len(ids)) * n_pred).view(*ce.shape, -1)
+        kl_const = torch.from_numpy(base.arrays["kl_const"][i : i + len(ids)])
+        kl = kl_from_terms(u.to(device), kl_const.to(device), final[:, start:-1], lse)
         sums.add_ce(i, ce_spliced=ce, kl_div=kl, ce_all_spliced=_all_spliced(
             sae, runner, ids, x, ~use, start, ce
         ), n_pred=torch.ones_like(ce))  # fmt: skip
