@@ -215,6 +215,7 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
     return {
         "model": recorded_path(cfg.model.name_or_path),
         "gguf_file": cfg.model.gguf_file,
+        "model_dtype": store_attrs.get("model_dtype"),
         "hookpoint": cfg.model.hookpoint,
         "context_size": cfg.data.ctx_len,
         "exclude_first_position": cfg.sae.exclude_first_position,
@@ -411,17 +412,32 @@ def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:
 @SAE_DIR
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="export directory")
 @click.option(
-    "--model-name", default=None,
-    help="model name for SAELens's metadata (default: the model recorded with the SAE)",
+    "--format", "fmt", default="saelens", show_default=True,
+    type=click.Choice(("saelens", "sparsify")),
+    help="saelens: cfg.json + sae_weights.safetensors; sparsify: <out>/<hookpoint>/ (topk only)",
 )  # fmt: skip
-def export_cmd(sae_dir: str, out: str, model_name: str | None) -> None:
-    """Write the SAE of --sae in SAELens's format (cfg.json + sae_weights.safetensors)."""
+@click.option(
+    "--params", "params_path", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="params.yaml whose export.hub_id names the model (default: ./params.yaml if present)",
+)  # fmt: skip
+@click.option(
+    "--model-name", default=None,
+    help="hub id for the export's metadata.model_name (default: see saelab.export.model_ref)",
+)  # fmt: skip
+def export_cmd(
+    sae_dir: str, out: str, fmt: str, params_path: str | None, model_name: str | None
+) -> None:
+    """Write the SAE of --sae in SAELens's (or sparsify's) format, with everything needed to
+    reproduce saelab's numbers in its metadata (model hub id, GGUF file, dtype, sink rule)."""
     from saelab.export import ExportError, export_dir
     from saelab.store import atomic_dir
 
+    if params_path is None and Path("params.yaml").is_file():
+        params_path = "params.yaml"
+    cfg = load_params(params_path) if params_path is not None else None
     try:
         with atomic_dir(out) as tmp:
-            export_dir(sae_dir, tmp, model_name)
+            export_dir(sae_dir, tmp, cfg, model_name, fmt)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
 
