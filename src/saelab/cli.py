@@ -6,6 +6,7 @@ paths only. A bad parameter stops the command with one line naming the key, befo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -169,7 +170,7 @@ def train(
     if checkpoints is not None:
         run_id = peek_checkpoint(checkpoints, fingerprint(sae, cfg.train, device, data_id))
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    tags = _nested_run_tags(cfg, uri, variant)
+    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # a new run's
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
         summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id)
@@ -182,13 +183,12 @@ def train(
 
 
 def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:
-    """Tags of a variant's MLflow run: :func:`~saelab.tracking.run_tags`, the params hash and
-    ``mlflow.parentRunId``, the pipeline run's parent (got or created)."""
-    from saelab.tracking import params_hash, pipeline_run_id, run_tags
+    """Tags of a new variant run (:func:`~saelab.tracking.variant_run_tags`): nested under the
+    pipeline run's parent when run by DVC, standalone otherwise."""
+    from saelab.tracking import params_hash, variant_run_tags
 
     digest = params_hash(dataclasses.asdict(cfg))
-    parent = pipeline_run_id(cfg.tracking.experiment, uri, digest)
-    return {**run_tags(variant), "saelab.params_hash": digest, "mlflow.parentRunId": parent}
+    return variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
 
 
 def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
@@ -286,7 +286,7 @@ def evaluate(
     metadata = sae_cfg["metadata"]
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
-    tags = _nested_run_tags(cfg, uri, variant)  # used when run_id is not in the store
+    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # if run_id is not stored
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         metrics, histograms, sums = run_evaluation(
             cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
