@@ -300,3 +300,14 @@ def test_cli_export_names_the_hub_id_from_params_and_writes_sparsify(
           "--format", "sparsify"])  # fmt: skip
     files = sorted(p.name for p in (tmp_path / "sp" / "layers.14").iterdir())
     assert files == ["cfg.json", "sae.safetensors", "saelab.json"]
+
+
+def test_load_saelens_reads_an_export_from_before_the_move(tmp_path: Path) -> None:
+    """An export written before saelab's block moved into ``metadata`` (top-level ``saelab``)
+    still reads back with its metadata."""
+    export_saelens(_trained_like("batchtopk"), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["saelab"] = cfg["metadata"].pop("saelab")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    back = load_saelens(tmp_path)
+    assert back.metadata == METADATA and back.activation.k == K

@@ -67,7 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path, deadline_s: float = 300) -> None:
+def _wait_until_up(proc: subprocess.Popen, url: str, log: Path, deadline_s: float = 600) -> None:
     """Poll ``url`` until it answers 200; fail if the server exits or the deadline passes."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -119,7 +119,7 @@ def _chromium(browser: str, url: str, profile: Path, *out: str) -> subprocess.Co
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
            "--window-size=1600,2400", "--virtual-time-budget=30000", *out, url]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
