@@ -66,6 +66,7 @@ def llama_run(tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_pa
         mp.chdir(root)
         for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
             mp.delenv(var, raising=False)
+        mp.setenv("DVC_STAGE", "test")  # as DVC runs the stages: runs nest under the pipeline's
         run_cli("prepare", "--params", params, "--out", "data/tokens")
         run_cli("cache", "--params", params, "--tokens", "data/tokens", "--out", "data/activations")
         for v in VARIANTS:

@@ -220,3 +220,86 @@ def test_pipeline_parent_race_keeps_the_oldest(tmp_path: Path, no_tracking_env) 
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.get_experiment_by_name("exp").experiment_id
     assert [r.info.run_id for r in client.search_runs([exp_id])] == [winner]
+
+
+def test_experiments_are_marked_as_model_training(tmp_path: Path) -> None:
+    """A new experiment carries mlflow.experimentKind = custom_model_development (so that MLflow
+    3's UI opens it on its runs); an older untagged one gets the tag when next used; a kind
+    someone chose is kept."""
+    from mlflow import MlflowClient
+
+    from saelab.tracking import EXPERIMENT_KIND
+
+    key, kind = EXPERIMENT_KIND
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    with mlflow_run("new", uri, "topk", {}):
+        pass
+    assert client.get_experiment_by_name("new").tags[key] == kind == "custom_model_development"
+    old = client.create_experiment("old")
+    run_id = client.create_run(old).info.run_id
+    client.set_terminated(run_id)
+    assert key not in client.get_experiment(old).tags
+    with mlflow_run("old", uri, "topk", {}, run_id):  # a reopened run tags its experiment
+        pass
+    assert client.get_experiment(old).tags[key] == kind
+    chosen = client.create_experiment("chosen", tags={key: "genai_development"})
+    with mlflow_run("chosen", uri, "topk", {}):
+        pass
+    assert client.get_experiment(chosen).tags[key] == "genai_development"
+
+
+def _statuses(uri: str) -> dict[str, str]:
+    """Run name -> status of every run of the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_name: r.info.status for r in client.search_runs(exps)}
+
+
+def test_adhoc_runs_are_standalone(tmp_path: Path, no_tracking_env) -> None:
+    """Outside DVC ($DVC_STAGE unset) a variant run gets no parent and none is created: the
+    store holds one FINISHED run, tagged saelab.role=standalone."""
+    from saelab.tracking import PARENT_TAG, variant_run_tags
+
+    no_tracking_env.delenv("DVC_STAGE", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = variant_run_tags("exp", uri, "topk", "abc123")
+    assert PARENT_TAG not in tags and tags["saelab.role"] == "standalone"
+    with mlflow_run("exp", uri, "topk", tags):
+        pass
+    assert _statuses(uri) == {"topk": "FINISHED"}
+
+
+def test_a_stage_closes_the_pipeline_parent(tmp_path: Path, no_tracking_env) -> None:
+    """Under DVC a variant run nests under the pipeline's parent, which is RUNNING while the
+    stage runs and takes the stage's end status after it: FINISHED, or FAILED when the stage
+    raised; a reopened run (evaluate after train) does the same. Tags given as a callable are
+    only asked for when a run is created."""
+    from mlflow import MlflowClient
+
+    from saelab.tracking import PARENT_TAG, variant_run_tags
+
+    no_tracking_env.setenv("DVC_STAGE", "train@topk")
+    no_tracking_env.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    with mlflow_run("exp", uri, "topk", lambda: variant_run_tags("exp", uri, "topk", "h")) as t:
+        parent = client.get_run(t.run_id).data.tags[PARENT_TAG]
+        assert client.get_run(parent).info.status == "RUNNING"
+        run_id = t.run_id
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).info.run_name == "pipeline workspace h"
+
+    def no_new_run() -> dict:
+        raise AssertionError("tags asked for, but the run exists")
+
+    with pytest.raises(RuntimeError), mlflow_run("exp", uri, "topk", no_new_run, run_id):
+        assert client.get_run(parent).info.status == "RUNNING"
+        raise RuntimeError("evaluate failed")
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(parent).info.status == "FAILED"
+    with mlflow_run("exp", uri, "topk", no_new_run, run_id):
+        pass
+    assert set(_statuses(uri).values()) == {"FINISHED"}

@@ -6,6 +6,7 @@ paths only. A bad parameter stops the command with one line naming the key, befo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -169,7 +170,7 @@ def train(
     if checkpoints is not None:
         run_id = peek_checkpoint(checkpoints, fingerprint(sae, cfg.train, device, data_id))
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    tags = _nested_run_tags(cfg, uri, variant)
+    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # a new run's
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
         summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id)
@@ -182,13 +183,12 @@ def train(
 
 
 def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:
-    """Tags of a variant's MLflow run: :func:`~saelab.tracking.run_tags`, the params hash and
-    ``mlflow.parentRunId``, the pipeline run's parent (got or created)."""
-    from saelab.tracking import params_hash, pipeline_run_id, run_tags
+    """Tags of a new variant run (:func:`~saelab.tracking.variant_run_tags`): nested under the
+    pipeline run's parent when run by DVC, standalone otherwise."""
+    from saelab.tracking import params_hash, variant_run_tags
 
     digest = params_hash(dataclasses.asdict(cfg))
-    parent = pipeline_run_id(cfg.tracking.experiment, uri, digest)
-    return {**run_tags(variant), "saelab.params_hash": digest, "mlflow.parentRunId": parent}
+    return variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
 
 
 def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
@@ -215,6 +215,7 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
     return {
         "model": recorded_path(cfg.model.name_or_path),
         "gguf_file": cfg.model.gguf_file,
+        "model_dtype": store_attrs.get("model_dtype"),
         "hookpoint": cfg.model.hookpoint,
         "context_size": cfg.data.ctx_len,
         "exclude_first_position": cfg.sae.exclude_first_position,
@@ -285,7 +286,7 @@ def evaluate(
     metadata = sae_cfg["metadata"]
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
-    tags = _nested_run_tags(cfg, uri, variant)  # used when run_id is not in the store
+    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # if run_id is not stored
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         metrics, histograms, sums = run_evaluation(
             cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
@@ -411,17 +412,32 @@ def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:
 @SAE_DIR
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="export directory")
 @click.option(
-    "--model-name", default=None,
-    help="model name for SAELens's metadata (default: the model recorded with the SAE)",
+    "--format", "fmt", default="saelens", show_default=True,
+    type=click.Choice(("saelens", "sparsify")),
+    help="saelens: cfg.json + sae_weights.safetensors; sparsify: <out>/<hookpoint>/ (topk only)",
 )  # fmt: skip
-def export_cmd(sae_dir: str, out: str, model_name: str | None) -> None:
-    """Write the SAE of --sae in SAELens's format (cfg.json + sae_weights.safetensors)."""
+@click.option(
+    "--params", "params_path", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="params.yaml whose export.hub_id names the model (default: ./params.yaml if present)",
+)  # fmt: skip
+@click.option(
+    "--model-name", default=None,
+    help="hub id for the export's metadata.model_name (default: see saelab.export.model_ref)",
+)  # fmt: skip
+def export_cmd(
+    sae_dir: str, out: str, fmt: str, params_path: str | None, model_name: str | None
+) -> None:
+    """Write the SAE of --sae in SAELens's (or sparsify's) format, with everything needed to
+    reproduce saelab's numbers in its metadata (model hub id, GGUF file, dtype, sink rule)."""
     from saelab.export import ExportError, export_dir
     from saelab.store import atomic_dir
 
+    if params_path is None and Path("params.yaml").is_file():
+        params_path = "params.yaml"
+    cfg = load_params(params_path) if params_path is not None else None
     try:
         with atomic_dir(out) as tmp:
-            export_dir(sae_dir, tmp, model_name)
+            export_dir(sae_dir, tmp, cfg, model_name, fmt)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
 

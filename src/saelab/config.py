@@ -523,6 +523,28 @@ class TrackingConfig:
         _require(bool(self.experiment), "tracking.experiment", "a non-empty string")
 
 
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or org/name
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``saelab export`` (no DVC stage reads it, so changing it re-runs nothing).
+
+    hub_id: the model's Hugging Face hub id (``org/name``), written as SAELens's
+        ``metadata.model_name`` of every export. None: ``model.name_or_path`` when that is a hub
+        id, else the ``_name_or_path`` of the local model directory's ``config.json`` when that
+        is one; an SAE whose model has none must be exported with ``--model-name``.
+    """
+
+    hub_id: str | None
+
+    def validate(self) -> None:
+        _require(
+            self.hub_id is None or HUB_ID_RE.match(self.hub_id) is not None,
+            "export.hub_id", "null or a hub id (name or org/name)",
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The whole of params.yaml.
@@ -544,6 +566,7 @@ class PipelineConfig:
     tracking: TrackingConfig
     features: FeaturesConfig
     structure: StructureConfig
+    export: ExportConfig
 
     def validate(self) -> None:
         _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
@@ -566,6 +589,7 @@ class PipelineConfig:
         for section in (*sections, self.variant_params):
             section.validate()
         self.tracking.validate()
+        self.export.validate()
         if "switch" in self.variants:
             self._validate_switch()
 

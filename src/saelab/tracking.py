@@ -15,6 +15,18 @@ One pipeline run = one MLflow parent run with a nested run per variant (tag
 (a hash of every parameter). Whichever stage comes first creates it (:func:`pipeline_run_id`);
 when two processes race, both search again after creating and keep the oldest run, deleting the
 other, which is as race-free as MLflow's SQLite store allows (DVC runs stages one at a time).
+
+Only stages run by DVC (``$DVC_STAGE`` set, as DVC sets it for every stage command) nest under
+the pipeline parent; an ad-hoc ``saelab train`` / ``evaluate`` is a standalone run (tag
+``saelab.role=standalone``) and creates no parent (:func:`variant_run_tags`). The parent's
+status follows its stages: RUNNING while one of its nested runs is open, then that run's end
+status (:func:`mlflow_run`), and FINISHED once ``summarize`` has logged to it, so no run stays
+RUNNING after the process that opened it has exited.
+
+Every experiment is tagged ``mlflow.experimentKind = custom_model_development``
+(:data:`EXPERIMENT_KIND`), the tag by which MLflow 3's UI tells a model-training experiment
+from a GenAI one; untagged, ``mlflow ui`` may open the experiment on its GenAI overview instead
+of the runs table. An experiment created before gets the tag when next used, unless it has one.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +44,9 @@ from typing import Any, Protocol
 from saelab.config import repo_root
 
 log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PARENT_TAG = "mlflow.parentRunId"
 
 
 class Tracker(Protocol):
@@ -148,11 +163,37 @@ def artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (artifacts: :func:`artifact_location`) if new."""
+    """The id of experiment ``name``, created (artifacts: :func:`artifact_location`) if new, and
+    tagged :data:`EXPERIMENT_KIND` unless it already has a kind."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    if exp is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location(uri), tags=dict([EXPERIMENT_KIND])
+        )
+    _tag_kind(client, exp)
+    return exp.experiment_id
+
+
+def _tag_kind(client: Any, exp: Any) -> None:
+    """Give experiment ``exp`` the :data:`EXPERIMENT_KIND` tag unless it has a kind."""
+    key, kind = EXPERIMENT_KIND
+    if key not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+
+
+def in_pipeline() -> bool:
+    """True when run as a DVC stage (DVC sets ``$DVC_STAGE`` for every stage command)."""
+    return bool(os.environ.get("DVC_STAGE"))
+
+
+def variant_run_tags(experiment: str, uri: str, variant: str, params_digest: str) -> dict:
+    """Tags of a new variant run: :func:`run_tags` and the params hash; under DVC
+    (:func:`in_pipeline`) also ``mlflow.parentRunId`` of the pipeline's parent (got or created),
+    else ``saelab.role=standalone`` and no parent."""
+    tags = {**run_tags(variant), "saelab.params_hash": params_digest}
+    if not in_pipeline():
+        return {**tags, "saelab.role": "standalone"}
+    return {**tags, PARENT_TAG: pipeline_run_id(experiment, uri, params_digest)}
 
 
 def pipeline_tags(params_digest: str) -> dict[str, str]:
@@ -191,11 +232,17 @@ def pipeline_run_id(experiment: str, uri: str, params_digest: str) -> str:
 
 @contextmanager
 def mlflow_run(
-    experiment: str, uri: str, run_name: str, tags: Mapping[str, str], run_id: str | None = None
+    experiment: str,
+    uri: str,
+    run_name: str,
+    tags: Mapping[str, str] | Callable[[], Mapping[str, str]],
+    run_id: str | None = None,
 ) -> Iterator[MlflowTracker]:
     """Open (or, with ``run_id`` that exists in the store, reopen) an MLflow run.
 
-    The run ends FINISHED on success and FAILED on an exception (which is re-raised).
+    ``tags``: of a new run (a callable is called only when a run is created). The run ends
+    FINISHED on success and FAILED on an exception (which is re-raised); its parent run, if it
+    has one, is RUNNING meanwhile and then takes the same end status (module docstring).
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -209,16 +256,24 @@ def mlflow_run(
             log.info("MLflow run %s is not in %s; starting a new run", run_id, uri)
     if run is None:
         exp_id = experiment_id(client, experiment, uri)
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        new_tags = tags() if callable(tags) else tags
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(new_tags))
     else:
+        _tag_kind(client, client.get_experiment(run.info.experiment_id))
         client.update_run(run.info.run_id, status="RUNNING")
+    parent = run.data.tags.get(PARENT_TAG)
+    runs = [run.info.run_id] if parent is None else [run.info.run_id, parent]
+    if parent is not None:
+        client.update_run(parent, status="RUNNING")
     tracker = MlflowTracker(client, run.info.run_id)
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        for rid in runs:
+            client.set_terminated(rid, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    for rid in runs:
+        client.set_terminated(rid, status="FINISHED")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
