@@ -57,7 +57,16 @@ def _setup_logging() -> None:
 def cli(malloc: str) -> None:
     """Train and compare sparse autoencoders on a language model's activations."""
     _setup_logging()
-    keep_freed_memory(malloc == "keep")
+    keep_freed_memory(malloc == "keep" and not _cuda_available())
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU: the stages then run on it (``device: auto``), their large
+    per-step tensors live in CUDA's own caching allocator, and glibc's setting would only raise
+    the host's resident peak (:mod:`saelab.allocator`), so it is left at glibc's default."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @cli.command()

@@ -187,13 +187,16 @@ def auxk_loss(
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """``train.autocast`` -> the autocast dtype for ``device``, or None for float32.
 
-    ``auto``: bfloat16 on CUDA, and on a CPU whose matmuls run bf16 natively (AVX512-BF16 or
-    AMX, as torch's CPU feature probe reports), else None: on an AVX2-only CPU a bf16 GEMM is
-    ~7x slower than fp32 (``bench/train_step.py``)."""
+    ``auto``: bfloat16 on a CUDA GPU that supports it (compute capability 8.0 and up: Ampere,
+    Hopper; ``torch.cuda.is_bf16_supported``), and on a CPU whose matmuls run bf16 natively
+    (AVX512-BF16 or AMX, as torch's CPU feature probe reports), else None: on an AVX2-only CPU a
+    bf16 GEMM is ~7x slower than fp32 (``bench/train_step.py``), and an older GPU emulates it."""
     if name == "float32":
         return None
-    if name == "bfloat16" or device.type == "cuda":
+    if name == "bfloat16":
         return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     native = any(getattr(torch.cpu, n, lambda: False)() for n in probes)
     return torch.bfloat16 if native and device.type == "cpu" else None
@@ -364,13 +367,17 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def _next_batch(batches: Iterator[Tensor], step: int, d_in: int, device: torch.device) -> Tensor:
-    """Next raw batch as float32 ``[batch, d_in]`` on ``device``."""
+    """Next raw batch as float32 ``[batch, d_in]`` on ``device``. To a CUDA device, through
+    page-locked (pinned) host memory: a non-blocking copy from pageable memory is staged and
+    synchronous, from pinned memory it is queued on the stream and the host goes on."""
     try:
         x_BD = next(batches)
     except StopIteration:
         raise ValueError(f"train_sae: the batch iterator ran out at step {step}") from None
     if x_BD.ndim != 2 or x_BD.shape[1] != d_in:
         raise ValueError(f"train_sae: batches must be [batch, {d_in}], got {tuple(x_BD.shape)}")
+    if device.type == "cuda" and x_BD.device.type == "cpu" and not x_BD.is_pinned():
+        x_BD = x_BD.pin_memory()
     return x_BD.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
