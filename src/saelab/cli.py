@@ -178,7 +178,7 @@ def train(
         sys.exit(_relaunch(cfg, ["train", *args]))
     device = resolve_device(cfg.train.device)
     device = distributed.init_from_env(device.type) or device
-    world = torch.distributed.get_world_size() if distributed.launched_by_torchrun() else 1
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     store = ActivationStore(Path(activations) / "train")
     batches, max_norm = _training_batches(cfg, store, part=(rank, world))

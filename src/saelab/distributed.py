@@ -63,16 +63,17 @@ def data_parallel(enabled: bool = True) -> Iterator[None]:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process was started by torchrun (``WORLD_SIZE`` > 1 in its environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process was started by torchrun (or another launcher that sets ``RANK``
+    and ``WORLD_SIZE``), whatever the world size."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_from_env(device_type: str) -> torch.device | None:
     """Initialise the default process group from torchrun's environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` or a rendezvous): NCCL for ``cuda``, gloo
     otherwise. Returns this rank's CUDA device (``cuda:LOCAL_RANK``) on CUDA, None on CPU, and
-    does nothing (None) when not launched by torchrun."""
-    if not launched_by_torchrun():
+    does nothing (None) when not launched by torchrun or launched as a world of one."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return None
     cuda = device_type == "cuda"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
