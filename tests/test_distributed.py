@@ -290,3 +290,20 @@ def test_saelab_train_in_two_processes_saves_the_sae_of_one(tmp_path: Path, make
     assert s2["tokens"] == s1["tokens"] == 64 * 12
     assert s2["fvu"] == pytest.approx(s1["fvu"], rel=1e-4)
     assert s2["threshold"] == pytest.approx(s1["threshold"], rel=1e-4)
+
+
+def test_relaunch_runs_the_launcher_with_the_process_count(monkeypatch):
+    """relaunch appends --nproc-per-node N and the arguments to the launcher, returns its exit
+    status, and runs a leading `torchrun` as this interpreter's torch.distributed.run."""
+    import shlex
+    import subprocess
+    import sys
+
+    count_args = f"{shlex.quote(sys.executable)} -c 'import sys; sys.exit(len(sys.argv))'"
+    assert distributed.relaunch(count_args, 2, ["a", "b"]) == 4  # -c, --nproc-per-node=2, a, b
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: seen.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))  # fmt: skip
+    assert distributed.relaunch("torchrun --standalone", 3, ["-m", "saelab.cli"]) == 0
+    assert seen == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc-per-node=3", "-m", "saelab.cli"]]  # fmt: skip

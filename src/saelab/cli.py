@@ -175,7 +175,8 @@ def train(
         args = ["--params", params_path, "--variant", variant, "--activations", activations,
                 "--out", out]  # fmt: skip
         args += ["--checkpoints", checkpoint_dir] if checkpoint_dir is not None else []
-        sys.exit(_relaunch(cfg, ["train", *args]))
+        n, launcher = cfg.distributed.nproc_per_node, cfg.distributed.launcher
+        sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "train", *args]))
     device = resolve_device(cfg.train.device)
     device = distributed.init_from_env(device.type) or device
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -210,21 +211,6 @@ def train(
         tracker.log_artifacts(out, f"models/{variant}")
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def _relaunch(cfg: PipelineConfig, argv: list[str]) -> int:
-    """Run ``saelab <argv>`` in ``distributed.nproc_per_node`` processes under
-    ``distributed.launcher``; its exit status (torchrun's: non-zero when any rank failed)."""
-    import shlex
-    import subprocess
-
-    launcher = shlex.split(cfg.distributed.launcher)
-    if launcher[0] == "torchrun":
-        launcher = [sys.executable, "-m", "torch.distributed.run", *launcher[1:]]
-    n = cfg.distributed.nproc_per_node
-    command = [*launcher, f"--nproc-per-node={n}", "-m", "saelab.cli", *argv]
-    log.info("data-parallel training in %d processes: %s", n, shlex.join(command))
-    return subprocess.run(command, check=False).returncode
 
 
 def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:

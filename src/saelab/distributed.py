@@ -26,7 +26,11 @@ with the backward.
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 _ACTIVE = False  # inside data_parallel() with world_size > 1
 
@@ -66,6 +72,19 @@ def launched_by_torchrun() -> bool:
     """Whether this process was started by torchrun (or another launcher that sets ``RANK``
     and ``WORLD_SIZE``), whatever the world size."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(launcher: str, nproc_per_node: int, argv: list[str]) -> int:
+    """Run ``python <argv>`` in ``nproc_per_node`` processes under the launcher command
+    ``launcher`` (split like a shell line; a leading ``torchrun`` becomes this interpreter's
+    ``-m torch.distributed.run``), with ``--nproc-per-node N`` appended; waits and returns the
+    launcher's exit status (torchrun's: non-zero when a rank failed)."""
+    command = shlex.split(launcher)
+    if command[0] == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+    command += [f"--nproc-per-node={nproc_per_node}", *argv]
+    logger.info("%d processes: %s", nproc_per_node, shlex.join(command))
+    return subprocess.run(command, check=False).returncode
 
 
 def init_from_env(device_type: str) -> torch.device | None:
