@@ -6,12 +6,13 @@ over d_sae / 8 latents. Times both, interleaved (median of ``--repeats``), on th
 output of a random batch, and checks they select the same values. Memory as the pipeline runs
 (:func:`saelab.allocator.keep_freed_memory`).
 
-Run: ``python bench/topk.py [--threads 2] [--repeats 7]``.
+Run: ``python bench/topk.py [--threads 2] [--repeats 7] [--device cuda]``.
 """
 
 from __future__ import annotations
 
 import torch
+import train_step
 from train_step import _median_seconds, start, step_parser
 
 from saelab.sae.activations import row_topk
@@ -26,6 +27,7 @@ def main() -> None:
     for d_sae, k in [(2048, 32), (4608, 32), (4608, 128), (16384, 32), (16384, 128)]:
         x = torch.randn(args.batch, 768, generator=gen)
         pre = x @ (torch.randn(d_sae, 768, generator=gen) / 768**0.5).t()
+        pre = pre.to(train_step.DEVICE)
         t = _median_seconds(
             {
                 "topk": lambda pre=pre, k=k: pre.topk(k, dim=1, sorted=False),

@@ -17,7 +17,8 @@ comparison with other libraries, whose AuxK starts after millions of tokens).
 
 Memory as the pipeline runs (:func:`saelab.allocator.keep_freed_memory`, for the GEMM too).
 
-Run: ``python bench/train_step.py [--threads 2] [--shapes 576x4608 768x16384]``.
+Run: ``python bench/train_step.py [--threads 2] [--shapes 576x4608 768x16384] [--device cuda]``
+(on CUDA every call is timed up to a ``torch.cuda.synchronize``; memory is CUDA's allocator's).
 """
 
 from __future__ import annotations
@@ -54,14 +55,29 @@ def step_parser(doc: str, repeats: int, k: bool = True) -> argparse.ArgumentPars
     if k:
         parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return parser
 
 
+DEVICE = torch.device("cpu")  # set by start() from --device
+
+
 def start(args: argparse.Namespace) -> None:
-    """Threads as ``args.threads``; memory as the saelab CLI runs
-    (:func:`saelab.allocator.keep_freed_memory`)."""
+    """Threads as ``args.threads``; ``DEVICE`` from ``args.device`` (when the parser has it);
+    host memory as the saelab CLI runs (:func:`saelab.allocator.keep_freed_memory`; not on
+    CUDA, as the CLI)."""
+    global DEVICE
+    DEVICE = torch.device(getattr(args, "device", "cpu"))
     torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    if DEVICE.type == "cpu":
+        keep_freed_memory()
+    else:
+        print(f"device {torch.cuda.get_device_name(DEVICE)}")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -72,8 +88,10 @@ def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -83,19 +101,19 @@ def inputs(batch: int, d_in: int, d_sae: int) -> tuple[torch.Tensor, torch.Tenso
     W_enc's own layout: SparseAutoencoder builds it as ``W_dec.T.clone()``, column-major strides
     (a row-major W sends the bf16 GEMM to a slow fallback)."""
     x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1))
-    return x, (torch.randn(d_sae, d_in) / d_in**0.5).t()
+    return x.to(DEVICE), (torch.randn(d_sae, d_in) / d_in**0.5).to(DEVICE).t()
 
 
 def _step_fn(variant: str, d_in: int, d_sae: int, k: int, x: torch.Tensor, dead_fraction: float,
              optimized: bool) -> Callable[[], object]:  # fmt: skip
     """A closure running one train_step of a fresh SAE (optimized: the trainer's settings)."""
     gen = torch.Generator().manual_seed(0)
-    sae = build_sae(variant, d_in, d_sae, k, HPARAMS[variant], gen)
+    sae = build_sae(variant, d_in, d_sae, k, HPARAMS[variant], gen).to(x.device)
     with torch.no_grad():
         sae.activation.init_from_batch_(sae.encode_pre(x), sae.b_enc)
     adam = SAEAdam if optimized else torch.optim.Adam  # the trainer's, or torch's default
     optimizer = adam(param_groups(sae), lr=1e-4)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
     dead[: int(dead_fraction * d_sae)] = True
     kwargs = {"k_aux": d_in // 2, "aux_coef": 1 / 32, "grad_clip": 1.0, "sparse": optimized,
               "autocast": autocast_dtype("auto", x.device) if optimized else None}  # fmt: skip
@@ -135,7 +153,7 @@ def main() -> None:
                         help="d_in x d_sae")  # fmt: skip
     args = parser.parse_args()
     start(args)  # bench/allocator.py: with and without the allocator setting
-    precision = autocast_dtype("auto", torch.device("cpu")) or torch.float32
+    precision = autocast_dtype("auto", DEVICE) or torch.float32
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, k {args.k}, "
           f"dead fraction {args.dead_fraction}, default precision here: {precision}")  # fmt: skip
     print(f"{'variant':<10} {'d_in':>5} {'d_sae':>6} {'GEMM s':>7} {'bf16/fp32':>9} "

@@ -71,6 +71,9 @@ def test_default_params_load_and_are_frozen() -> None:
         ("structure.n_folds", 1, "structure.n_folds must be an integer >= 2"),
         ("structure.n_words", 50, "structure.n_words must be an integer >= 10 * (structure.icl"),
         ("structure.min_probe_f1", 1.0, "structure.min_probe_f1 must be a number in [0, 1)"),
+        ("distributed.nproc_per_node", 0, "distributed.nproc_per_node must be an integer >= 1"),
+        ("distributed.nproc_per_node", 8192, "train.batch_size must be an integer >= distrib"),
+        ("distributed.launcher", " ", "distributed.launcher must be a command, e.g. 'torchrun"),
     ],
 )
 def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) -> None:

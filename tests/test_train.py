@@ -617,10 +617,16 @@ def test_jumprelu_trains_in_float32_whatever_the_autocast():
 
 
 def test_autocast_dtype_resolution(monkeypatch: pytest.MonkeyPatch):
-    """float32 -> None, bfloat16 -> bf16; auto: bf16 on CUDA, on a CPU only with native bf16."""
+    """float32 -> None, bfloat16 -> bf16; auto: bf16 on a CUDA GPU with native bf16 (not
+    emulated), on a CPU only with native bf16."""
     assert autocast_dtype("float32", torch.device("cuda")) is None
     assert autocast_dtype("bfloat16", CPU) is torch.bfloat16
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    for native in (False, True):
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation, v=native: v
+        )
+        expected = torch.bfloat16 if native else None
+        assert autocast_dtype("auto", torch.device("cuda")) is expected
     for probe_says in (False, True):
         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
             monkeypatch.setattr(torch.cpu, probe, lambda v=probe_says: v)

@@ -58,7 +58,16 @@ def _setup_logging() -> None:
 def cli(malloc: str) -> None:
     """Train and compare sparse autoencoders on a language model's activations."""
     _setup_logging()
-    keep_freed_memory(malloc == "keep")
+    keep_freed_memory(malloc == "keep" and not _cuda_available())
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU: the stages then run on it (``device: auto``), their large
+    per-step tensors live in CUDA's own caching allocator, and glibc's setting would only raise
+    the host's resident peak (:mod:`saelab.allocator`), so it is left at glibc's default."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @cli.command()
@@ -146,20 +155,36 @@ def cache(params_path: str, tokens: str, out: str) -> None:
 def train(
     params_path: str, variant: str, activations: str, out: str, checkpoint_dir: str | None
 ) -> None:
-    """Train one SAE variant on the cached train activations; save safetensors + cfg.json."""
+    """Train one SAE variant on the cached train activations; save safetensors + cfg.json.
+
+    With ``distributed.nproc_per_node`` > 1 it starts itself that many times under
+    ``distributed.launcher`` (torchrun); started by torchrun (``WORLD_SIZE`` > 1), each process
+    trains on its slice of every batch (:mod:`saelab.distributed`), and rank 0 alone logs to
+    MLflow and writes the SAE."""
     import torch
 
+    from saelab import distributed
     from saelab.capture import resolve_device
     from saelab.checkpoint import fingerprint, peek_checkpoint
     from saelab.sae import build_sae
     from saelab.store import ActivationStore, atomic_dir
-    from saelab.tracking import flatten, mlflow_run, tracking_uri
+    from saelab.tracking import NullTracker, flatten, mlflow_run, tracking_uri
     from saelab.train import train_sae
 
     cfg = load_params(params_path)
+    if cfg.distributed.nproc_per_node > 1 and not distributed.launched_by_torchrun():
+        args = ["--params", params_path, "--variant", variant, "--activations", activations,
+                "--out", out]  # fmt: skip
+        args += ["--checkpoints", checkpoint_dir] if checkpoint_dir is not None else []
+        n, launcher = cfg.distributed.nproc_per_node, cfg.distributed.launcher
+        sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "train", *args]))
     device = resolve_device(cfg.train.device)
+    device = distributed.init_from_env(device.type) or device
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
     store = ActivationStore(Path(activations) / "train")
-    batches, max_norm = _training_batches(cfg, store)
+    batches, max_norm = _training_batches(cfg, store, part=(rank, world))
+    whole = _training_batches(cfg, store, max_norm=max_norm)[0] if world > 1 else None
     data_id = {"store": store.attrs, "exclude_first_position": cfg.sae.exclude_first_position,
                "max_norm": max_norm}  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -169,17 +194,24 @@ def train(
     run_id = None  # a resumed training logs to the run of its checkpoint
     if checkpoints is not None:
         run_id = peek_checkpoint(checkpoints, fingerprint(sae, cfg.train, device, data_id))
+    if rank != 0:  # the other ranks train in step with rank 0 and write nothing
+        train_sae(sae, batches, cfg.train, NullTracker(), device, checkpoints, data_id, whole)
+        torch.distributed.destroy_process_group()
+        return
     uri = tracking_uri(cfg.tracking.tracking_uri)
     tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # a new run's
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
-        tracker.log_params({"variant": variant, **flatten(dataclasses.asdict(cfg))})
-        summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id)
+        tracker.log_params({"variant": variant, "world_size": world,
+                            **flatten(dataclasses.asdict(cfg))})  # fmt: skip
+        summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id, whole)
         tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
         metadata = _sae_metadata(cfg, store.attrs, summary, tracker.run_id)
         metadata["max_norm"] = max_norm
         with atomic_dir(out) as tmp:
             sae.cpu().save(tmp, metadata)
         tracker.log_artifacts(out, f"models/{variant}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:
@@ -191,20 +223,27 @@ def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, s
     return variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
 
 
-def _training_batches(cfg: PipelineConfig, store: ActivationStore) -> tuple[Iterator, float | None]:
-    """The seeded stream of shuffled training batches (sinks dropped) and the norm above which
-    a token counts as a sink (None: no norm cut)."""
+def _training_batches(
+    cfg: PipelineConfig,
+    store: ActivationStore,
+    part: tuple[int, int] = (0, 1),
+    max_norm: float | None = None,
+) -> tuple[Iterator, float | None]:
+    """The seeded stream of shuffled training batches (sinks dropped), or part ``part`` of
+    every batch (data-parallel training), and the norm above which a token counts as a sink
+    (None: no norm cut; computed unless ``max_norm`` is given)."""
     from saelab.store import ShuffledBatches, drop_outliers, sink_norm
 
     exclude = cfg.sae.exclude_first_position
-    max_norm = sink_norm(
-        store.path, cfg.sae.exclude_norm_factor, cfg.train.scale_tokens,
-        exclude_first_position=exclude,
-    )  # fmt: skip
+    if max_norm is None:
+        max_norm = sink_norm(
+            store.path, cfg.sae.exclude_norm_factor, cfg.train.scale_tokens,
+            exclude_first_position=exclude,
+        )  # fmt: skip
     batches = drop_outliers(
         ShuffledBatches(
             store.path, cfg.train.batch_size, exclude_first_position=exclude,
-            shuffle_chunks=cfg.train.shuffle_chunks, seed=cfg.train.seed,
+            shuffle_chunks=cfg.train.shuffle_chunks, seed=cfg.train.seed, part=part,
         ),
         max_norm,
     )  # fmt: skip

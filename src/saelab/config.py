@@ -546,6 +546,32 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel training of the train stage (:mod:`saelab.distributed`).
+
+    nproc_per_node: processes of ``saelab train`` on this machine, each on a disjoint slice of
+        every batch (one per GPU on CUDA, NCCL; gloo processes on CPU). 1: one process, no
+        ``torch.distributed``.
+    launcher: the command that starts them when ``nproc_per_node`` > 1, split like a shell
+        line, followed by ``--nproc-per-node N`` and the train command; a leading ``torchrun``
+        runs this interpreter's ``-m torch.distributed.run``. Not used when the command is
+        already running under torchrun (several nodes: start torchrun with a rendezvous on
+        each node, README).
+    """
+
+    nproc_per_node: int
+    launcher: str
+
+    def validate(self) -> None:
+        _require(self.nproc_per_node >= 1, "distributed.nproc_per_node", "an integer >= 1")
+        _require(
+            bool(self.launcher.split()),
+            "distributed.launcher",
+            "a command, e.g. 'torchrun --standalone'",
+        )
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The whole of params.yaml.
 
@@ -567,6 +593,7 @@ class PipelineConfig:
     features: FeaturesConfig
     structure: StructureConfig
     export: ExportConfig
+    distributed: DistributedConfig
 
     def validate(self) -> None:
         _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
@@ -586,8 +613,13 @@ class PipelineConfig:
             )
         sections = (self.data, self.model, self.cache, self.sae, self.train, self.evaluate,
                     self.features, self.structure)  # fmt: skip
-        for section in (*sections, self.variant_params):
+        for section in (*sections, self.variant_params, self.distributed):
             section.validate()
+        _require(
+            self.train.batch_size >= self.distributed.nproc_per_node,
+            "train.batch_size",
+            f"an integer >= distributed.nproc_per_node={self.distributed.nproc_per_node}",
+        )
         self.tracking.validate()
         self.export.validate()
         if "switch" in self.variants:

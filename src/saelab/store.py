@@ -22,6 +22,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from saelab.distributed import part_bounds
+
 logger = logging.getLogger(__name__)
 
 # logical dtype -> (numpy dtype stored in zarr, torch dtype whose bits are stored)
@@ -390,6 +392,12 @@ class ShuffledBatches:
     one ``torch.Generator`` seeded with ``seed`` drives both the chunk order and the
     permutations; successive epochs differ.
 
+    ``part = (i, n)`` (data-parallel training): yield only part i of every batch, the rows
+    :func:`~saelab.distributed.part_bounds` gives; the n parts of a batch are disjoint and in
+    order make up the batch a ``(0, 1)`` stream yields. Every part reads (and decompresses) the
+    same chunks, since each batch draws its tokens from the whole shuffle buffer; only the
+    part's rows are gathered and converted to float32.
+
     Raises:
         ValueError: batch_size or shuffle_chunks < 1, or the store yields no usable rows.
     """
@@ -402,13 +410,17 @@ class ShuffledBatches:
         exclude_first_position: bool,
         shuffle_chunks: int,
         seed: int,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
+        if not 0 <= part[0] < part[1]:
+            raise ValueError(f"part must be (index, n_parts) with 0 <= index < n_parts: {part}")
         if batch_size < 1 or shuffle_chunks < 1:
             raise ValueError(
                 f"batch_size and shuffle_chunks must be >= 1: {batch_size, shuffle_chunks}"
             )
         self.store = ActivationStore(path)
         self.batch_size = batch_size
+        self.part = part
         self.exclude_first_position = exclude_first_position
         self.shuffle_chunks = shuffle_chunks
         self.tokens_per_epoch = self.store.n_usable(exclude_first_position)
@@ -427,6 +439,7 @@ class ShuffledBatches:
 
     def _stream(self) -> Iterator[torch.Tensor]:
         carry = torch.empty(0, self.store.d_in, dtype=self._raw_dtype)
+        lo, hi = part_bounds(self.batch_size, *self.part)
         while True:
             self.epoch += 1
             order = torch.randperm(self.store.n_chunks, generator=self._generator).tolist()
@@ -438,7 +451,7 @@ class ShuffledBatches:
                 rows = rows[torch.randperm(len(rows), generator=self._generator)]
                 n_full = len(rows) // self.batch_size
                 for b in range(n_full):
-                    yield buffer[rows[b * self.batch_size : (b + 1) * self.batch_size]].float()
+                    yield buffer[rows[b * self.batch_size + lo : b * self.batch_size + hi]].float()
                 carry = buffer[rows[n_full * self.batch_size :]]
 
     def _load(self, chunks: list[int], carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

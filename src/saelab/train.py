@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saelab import distributed
 from saelab.checkpoint import (
     Checkpoint,
     TrainerState,
@@ -144,10 +145,17 @@ def fvu(x: Tensor, recon: Tensor) -> Tensor:
     """Fraction of variance unexplained ``sum ||x - recon||^2 / sum ||x - mean_batch(x)||^2``.
 
     x, recon [batch, d_in] -> scalar. Normalising the summed squared error by the batch's total
-    variance makes the loss scale-free (EleutherAI/sparsify uses it as its loss).
+    variance makes the loss scale-free (EleutherAI/sparsify uses it as its loss). In
+    data-parallel training both sums run over the global batch (the numerator with
+    :func:`~saelab.distributed.global_sum`'s gradient; ``x`` must not need a gradient).
     """
-    total_var = (x - x.mean(dim=0)).pow(2).sum()
-    return (x - recon).pow(2).sum() / total_var.clamp_min(1e-12)
+    if distributed.world_size() == 1:
+        total_var = (x - x.mean(dim=0)).pow(2).sum()
+        return (x - recon).pow(2).sum() / total_var.clamp_min(1e-12)
+    stats_D1 = distributed.all_sum(torch.cat([x.sum(dim=0), x.new_full((1,), x.shape[0])]))
+    mean_D = stats_D1[:-1] / stats_D1[-1]
+    total_var = distributed.all_sum((x - mean_D).pow(2).sum())
+    return distributed.global_sum((x - recon).pow(2).sum()) / total_var.clamp_min(1e-12)
 
 
 def auxk_loss(
@@ -179,20 +187,33 @@ def auxk_loss(
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """``train.autocast`` -> the autocast dtype for ``device``, or None for float32.
 
-    ``auto``: bfloat16 on CUDA, and on a CPU whose matmuls run bf16 natively (AVX512-BF16 or
-    AMX, as torch's CPU feature probe reports), else None: on an AVX2-only CPU a bf16 GEMM is
-    ~7x slower than fp32 (``bench/train_step.py``)."""
+    ``auto``: bfloat16 on a CUDA GPU that supports it (compute capability 8.0 and up: Ampere,
+    Hopper; ``torch.cuda.is_bf16_supported``), and on a CPU whose matmuls run bf16 natively
+    (AVX512-BF16 or AMX, as torch's CPU feature probe reports), else None: on an AVX2-only CPU a
+    bf16 GEMM is ~7x slower than fp32 (``bench/train_step.py``), and an older GPU emulates it."""
     if name == "float32":
         return None
-    if name == "bfloat16" or device.type == "cuda":
+    if name == "bfloat16":
         return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     native = any(getattr(torch.cpu, n, lambda: False)() for n in probes)
     return torch.bfloat16 if native and device.type == "cpu" else None
 
 
 def _activity(out: SAEOutput | SparseOutput, batch: int, d_sae: int) -> tuple[Tensor, Tensor]:
-    """(mean L0 float32 scalar, fired [d_sae] bool) of a dense or sparse forward's codes."""
+    """(mean L0 float32 scalar, fired [d_sae] bool) of a dense or sparse forward's codes; over
+    the global batch in data-parallel training."""
+    if distributed.world_size() > 1:
+        if isinstance(out, SparseOutput):
+            nnz, fired = (out.code.values > 0).sum().float(), out.code.fired(d_sae)
+        else:
+            active_BS = out.acts > 0
+            nnz, fired = active_BS.sum().float(), active_BS.any(dim=0)
+        return distributed.all_sum(nnz) / distributed.global_count(batch, nnz.device), (
+            distributed.all_any(fired)
+        )
     if isinstance(out, SparseOutput):
         return out.code.l0(batch), out.code.fired(d_sae)
     active_BS = out.acts > 0
@@ -235,9 +256,15 @@ def train_step(
     forward (the reference). ``autocast``: run the forward and the losses under
     ``torch.autocast`` with that dtype (bfloat16; see :func:`autocast_dtype`), None: float32;
     ignored (float32) for an activation that is not ``autocast_safe`` (JumpReLU).
+
+    Data-parallel training (inside :func:`saelab.distributed.data_parallel`): ``x`` is this
+    rank's slice of the global batch; every loss, selection and metric is over the global
+    batch, the gradients are summed over the ranks before the decoder projection and clipping,
+    so every rank takes the step one process takes on the whole batch; ``fired`` and ``seen``
+    are global.
     """
     enabled = autocast is not None and sae.activation.autocast_safe
-    seen = sae.tokens_seen(x)
+    seen = distributed.all_sum(sae.tokens_seen(x))
     with torch.autocast(x.device.type, dtype=autocast, enabled=enabled):
         out = sae.forward_sparse(x) if sparse and sae.sparse_training else sae(x)
         fvu_loss = fvu(x, out.recon.float())
@@ -251,6 +278,7 @@ def train_step(
     unit_norm = sae.activation.unit_norm_decoder
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.all_reduce_grads(sae.parameters())
     if unit_norm:
         sae.remove_parallel_decoder_grad_()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
@@ -303,7 +331,7 @@ class _LoopState:
 
     def record(self, result: StepResult, x_raw: Tensor) -> None:
         self.silent_tokens.add_(result.seen).masked_fill_(result.fired, 0)
-        self.tokens += x_raw.shape[0]
+        self.tokens += distributed.global_count(x_raw.shape[0], x_raw.device)
         self.window.append(result.metrics)
         self.final.append(result.metrics)
         self.recent_raw.append(x_raw)
@@ -339,29 +367,61 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def _next_batch(batches: Iterator[Tensor], step: int, d_in: int, device: torch.device) -> Tensor:
-    """Next raw batch as float32 ``[batch, d_in]`` on ``device``."""
+    """Next raw batch as float32 ``[batch, d_in]`` on ``device``. To a CUDA device, through
+    page-locked (pinned) host memory: a non-blocking copy from pageable memory is staged and
+    synchronous, from pinned memory it is queued on the stream and the host goes on."""
     try:
         x_BD = next(batches)
     except StopIteration:
         raise ValueError(f"train_sae: the batch iterator ran out at step {step}") from None
     if x_BD.ndim != 2 or x_BD.shape[1] != d_in:
         raise ValueError(f"train_sae: batches must be [batch, {d_in}], got {tuple(x_BD.shape)}")
+    if device.type == "cuda" and x_BD.device.type == "cpu" and not x_BD.is_pinned():
+        x_BD = x_BD.pin_memory()
     return x_BD.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
+class _Counted:
+    """An iterator that counts the items taken from it."""
+
+    def __init__(self, items: Iterator[Tensor]) -> None:
+        self.items, self.taken = items, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Tensor:
+        item = next(self.items)
+        self.taken += 1
+        return item
+
+
 def _init_scale_and_b_dec(
-    sae: SparseAutoencoder, batches: Iterator[Tensor], cfg: TrainConfig, device: torch.device
+    sae: SparseAutoencoder,
+    batches: Iterator[Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    init_batches: Iterator[Tensor] | None = None,
 ) -> tuple[float, Iterator[Tensor]]:
     """Estimate the input scale on (and consume) the first ``cfg.scale_tokens`` tokens, then set
     b_dec to the geometric median of the next, scaled batch, which stays first in the returned
     iterator; that batch's pre-activations then initialise the activation
-    (:meth:`~saelab.sae.activations.SparsityActivation.init_from_batch_`, e.g. JumpReLU's θ)."""
-    scale = estimate_input_scale(batches, cfg.scale_tokens)
-    first_BD = _next_batch(batches, 0, sae.d_in, device)
+    (:meth:`~saelab.sae.activations.SparsityActivation.init_from_batch_`, e.g. JumpReLU's θ).
+
+    ``init_batches`` (data-parallel training): the *global* batches of which ``batches`` yields
+    this rank's slices. The scale and the inits are computed on them, identically on every rank
+    (so they equal one process's without a broadcast), and ``batches`` skips the slices of the
+    batches they consumed."""
+    full = batches if init_batches is None else _Counted(init_batches)
+    scale = estimate_input_scale(full, cfg.scale_tokens)
+    first_BD = own_BD = _next_batch(full, 0, sae.d_in, device)
+    if isinstance(full, _Counted):
+        for _ in range(full.taken):  # this rank's slices of the batches just read whole
+            own_BD = _next_batch(batches, 0, sae.d_in, device)
     with torch.no_grad():
         sae.init_b_dec_(geometric_median(first_BD * scale))
         sae.activation.init_from_batch_(sae.encode_pre(first_BD * scale), sae.b_enc)
-    return scale, itertools.chain([first_BD], batches)
+    return scale, itertools.chain([own_BD], batches)
 
 
 def param_groups(sae: SparseAutoencoder) -> list[dict]:
@@ -404,7 +464,7 @@ def _inference_metrics(sae: SparseAutoencoder, raw_batches: Iterable[Tensor]) ->
     l0s, fvus = [], []
     for x_BD in raw_batches:
         out = sae(x_BD)
-        l0s.append(float((out.acts > 0).sum(dim=1).float().mean()))
+        l0s.append(float(distributed.global_mean((out.acts > 0).sum(dim=1).float())))
         fvus.append(float(fvu(x_BD, out.recon)))
     return {"inference_l0_train": _mean(l0s), "inference_fvu_train": _mean(fvus)}
 
@@ -501,7 +561,7 @@ class _Run:
         steps, and one on KeyboardInterrupt / SystemExit (then re-raised)."""
         n_steps, done = self.cfg.n_steps, self.state.steps
         bar = tqdm(range(done, n_steps), initial=done, total=n_steps, unit="step",
-                   desc=f"train {self.sae.variant}")  # fmt: skip
+                   desc=f"train {self.sae.variant}", disable=distributed.rank() != 0)  # fmt: skip
         mid_step = False
         try:
             for step in bar:
@@ -545,9 +605,13 @@ class _Run:
         return self.checkpoint_dir is not None and due
 
     def save(self) -> None:
-        """Write the checkpoint of the state after ``state.steps`` completed steps."""
+        """Write the checkpoint of the state after ``state.steps`` completed steps (rank 0 only
+        in data-parallel training: the state is the same on every rank)."""
         assert self.checkpoint_dir is not None
         state = self.state
+        if distributed.rank() != 0:
+            self.saved_step = state.steps
+            return
         trainer_state = TrainerState(
             step=state.steps, tokens=state.tokens, seconds=state.seconds(),
             input_scale=self.scale, optimizer=self.optimizer.state_dict(),
@@ -601,6 +665,7 @@ def train_sae(
     device: torch.device,
     checkpoint_dir: Path | None = None,
     data_id: Any = None,
+    global_batches: Iterable[Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``sae`` in place on raw activation batches ``[cfg.batch_size, d_in]``.
 
@@ -624,6 +689,15 @@ def train_sae(
     that does not match, or cannot be read, is ignored with a warning. On completion the
     checkpoint directory is removed.
 
+    Data-parallel training (``torch.distributed`` initialised, e.g. under torchrun): pass
+    ``global_batches``, the stream of whole batches, and as ``batches`` this rank's slices of
+    the same stream (disjoint, in rank order; ``ShuffledBatches(part=...)``). The input scale
+    and the inits are computed on the whole batches, identically on every rank; every step is
+    over the global batch (:func:`train_step`); rank 0 alone writes (and removes) checkpoints,
+    every rank resumes from them. The returned SAE and summary are the same on every rank and
+    equal one process's on the whole batches up to the order of floating-point sums
+    (``tests/test_distributed.py``). A checkpoint does not depend on the number of processes.
+
     Returns:
         steps, tokens, input_scale, lr (peak), fvu / l0 / aux_loss / sparsity_loss (train, mean
         of the final steps), dead_fraction, seconds and tokens_per_s (training time of every
@@ -636,18 +710,23 @@ def train_sae(
         checkpoint = load_checkpoint(checkpoint_dir, run_fingerprint)
     torch.manual_seed(cfg.seed)
     sae.to(device).train()
-    scale, it = _init_scale_and_b_dec(sae, iter(batches), cfg, device)
-    run = _Run(sae, cfg, tracker, scale, device, checkpoint_dir, run_fingerprint)
-    if checkpoint is not None and run.resume(checkpoint, it):
-        tracker.set_tags({"resumed_from_step": str(run.state.steps)})
-    logger.info(
-        "training %s SAE: steps %d to %d, input scale %.4g",
-        sae.variant, run.state.steps + 1, cfg.n_steps, scale,
-    )  # fmt: skip
-    run.run(it)
-    if checkpoint_dir is not None:
-        remove_checkpoint(checkpoint_dir)
-    return _finish(sae, run.state, scale, run.peak_lr, cfg.n_steps)
+    with distributed.data_parallel(global_batches is not None):
+        whole = None if global_batches is None else iter(global_batches)
+        scale, it = _init_scale_and_b_dec(sae, iter(batches), cfg, device, whole)
+        del whole  # its shuffle buffer
+        run = _Run(sae, cfg, tracker, scale, device, checkpoint_dir, run_fingerprint)
+        if checkpoint is not None and run.resume(checkpoint, it):
+            tracker.set_tags({"resumed_from_step": str(run.state.steps)})
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 writes one
+        logger.info(
+            "training %s SAE: steps %d to %d, input scale %.4g",
+            sae.variant, run.state.steps + 1, cfg.n_steps, scale,
+        )  # fmt: skip
+        run.run(it)
+        distributed.barrier()
+        if checkpoint_dir is not None and distributed.rank() == 0:
+            remove_checkpoint(checkpoint_dir)
+        return _finish(sae, run.state, scale, run.peak_lr, cfg.n_steps)
 
 
 def _finish(

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saelab import distributed
+
 # Rows of the batch used to find a lower bound for BatchTopK's batch threshold (see
 # :func:`_batch_topk_indices_bounded`); a speed knob only, the selection is exact whatever it is.
 _SAMPLE_ROWS = 128
@@ -211,15 +213,16 @@ class BatchTopK(SparsityActivation):
         ``values_K`` [k * batch]: the kept acts when the caller has them (their minimum is the
         answer); None: the selection is redone on ``pre_acts`` (use float32 for a float32 θ)."""
         if values_K is None:
-            rows_K, cols_K = batch_topk(pre_acts, self.k * pre_acts.shape[0])
+            rows_K, cols_K = global_batch_topk(pre_acts, self.k)
             values_K = pre_acts[rows_K, cols_K]
         return _min_positive(values_K)
 
     def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, cols) [k * batch] int64, token-major, of the entries kept in training mode: the
         ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
-        ties among entries <= 0, whose act is 0 either way). The one step subclasses change."""
-        return batch_topk(pre_acts, self.k * pre_acts.shape[0])
+        ties among entries <= 0, whose act is 0 either way). The one step subclasses change.
+        In data-parallel training, the largest of the global batch (:func:`global_batch_topk`)."""
+        return global_batch_topk(pre_acts, self.k)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
@@ -268,8 +271,13 @@ def _members(groups_BK: Tensor, size: int, stride: int) -> Tensor:
 
 
 def _min_positive(values: Tensor) -> Tensor:
-    """Smallest positive entry of ``values`` as an fp32 scalar tensor, NaN when none is > 0."""
+    """Smallest positive entry of ``values`` as an fp32 scalar tensor, NaN when none is > 0;
+    in data-parallel training, over every rank's ``values``."""
     positive = values[values > 0]
+    if distributed.world_size() > 1:
+        local = positive.min().float() if positive.numel() else values.new_tensor(math.inf)
+        smallest = distributed.all_min(local.float())
+        return smallest if bool(smallest.isfinite()) else torch.full_like(smallest, math.nan)
     if positive.numel() == 0:
         return torch.full((), float("nan"), device=values.device)
     return positive.min().float()
@@ -304,6 +312,39 @@ def batch_topk(pre_BS: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
     kept_BM.view(-1)[top.indices] = True
     rows_K, slots_K = kept_BM.nonzero().unbind(1)
     return rows_K, cand_i_BM[rows_K, slots_K]
+
+
+def global_batch_topk(pre_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK's selection of the ``k * batch`` largest entries over the *global* batch of
+    data-parallel training, as (rows, cols) [n_kept] int64 of this rank's ``pre_BS [batch,
+    d_sae]``, token-major; :func:`batch_topk` of ``pre_BS`` with ``n_keep = k * batch`` at world
+    size 1 (the same call as before data parallelism).
+
+    Exact: the global kept set restricted to one rank lies within that rank's own ``n_keep``
+    largest entries (``n_keep = k * global batch``), so the ranks all-gather those values, take
+    θ = the ``n_keep``-th largest of them, and each keeps its entries > θ; entries equal to θ
+    are kept in rank order, then token order, until ``n_keep`` are kept in all. One process
+    breaks such ties in ``topk``'s unspecified order; with float32 pre-activations of
+    continuous inputs ties at θ do not occur in practice, in bf16 they can (then the kept set
+    differs only among equal values).
+    """
+    batch, d_sae = pre_BS.shape
+    if distributed.world_size() == 1:
+        return batch_topk(pre_BS, k * batch)
+    n_global = distributed.global_count(batch, pre_BS.device)
+    n_keep = min(k * n_global, n_global * d_sae)
+    rows_C, cols_C = batch_topk(pre_BS, min(n_keep, pre_BS.numel()))  # this rank's candidates
+    values_C = pre_BS[rows_C, cols_C].float()
+    gathered, _ = distributed.all_gather_cat(values_C)
+    theta = gathered.topk(n_keep, sorted=False).values.min()
+    greater_C, ties_C = values_C > theta, values_C == theta
+    counts = torch.zeros(2, distributed.world_size(), dtype=torch.int64, device=pre_BS.device)
+    counts[0, distributed.rank()], counts[1, distributed.rank()] = greater_C.sum(), ties_C.sum()
+    counts = distributed.all_sum(counts)
+    tie_budget = n_keep - int(counts[0].sum()) - int(counts[1, : distributed.rank()].sum())
+    tie_order_C = ties_C.cumsum(0) - 1  # index of each tie among this rank's, token order
+    keep_C = greater_C | (ties_C & (tie_order_C < tie_budget))
+    return rows_C[keep_C], cols_C[keep_C]
 
 
 def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
@@ -401,7 +442,7 @@ class ReLU(SparsityActivation):
 
     def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
         """``l1_coef * mean_t sum_i acts_ti ||W_dec,i||`` (scalar); acts >= 0, so |f| = f."""
-        return self.l1_coef * (acts @ W_dec.norm(dim=1)).mean()
+        return self.l1_coef * distributed.global_mean(acts @ W_dec.norm(dim=1))
 
     def hparams(self) -> dict[str, Any]:
         return {
@@ -582,7 +623,7 @@ class JumpReLU(SparsityActivation):
 
     def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
         """``l0_coef * (L0 / k - 1)^2``, L0 = mean_t sum_i H(pre_acts_ti - θ_i) (STE for θ)."""
-        l0 = _StepFn.apply(pre_acts, self.threshold, self.eps).sum(dim=-1).mean()
+        l0 = distributed.global_mean(_StepFn.apply(pre_acts, self.threshold, self.eps).sum(dim=-1))
         return self.l0_coef * (l0 / self.k - 1.0).pow(2)
 
     def hparams(self) -> dict[str, Any]:
@@ -621,6 +662,8 @@ def feature_scores(relu_BS: Tensor, score: str) -> Tensor:
       is ignored (scale-invariant per column).
     """
     relu_BS = relu_BS.float()
+    if distributed.world_size() > 1:
+        return _global_feature_scores(relu_BS, score)
     if score == "l2":
         return relu_BS.norm(dim=0)
     if score == "squared_l2":
@@ -629,6 +672,23 @@ def feature_scores(relu_BS: Tensor, score: str) -> Tensor:
         mass_S = relu_BS.sum(dim=0)
         p_BS = relu_BS / mass_S.clamp_min(torch.finfo(torch.float32).tiny)
         entropy_S = -torch.xlogy(p_BS, p_BS).sum(dim=0)
+        return torch.where(mass_S > 0, entropy_S.exp(), 0.0)
+    raise ValueError(f"unknown feature score {score!r}; allowed: {', '.join(SCORES)}")
+
+
+def _global_feature_scores(relu_BS: Tensor, score: str) -> Tensor:
+    """:func:`feature_scores` over the global batch of data-parallel training, from per-rank
+    column sums (identical on every rank): ``l2 = sqrt(Σ f²)``, ``squared_l2 = Σ f²``, and
+    ``H = log M - (Σ f log f) / M`` with ``M = Σ f`` (``-Σ p log p`` for ``p = f / M``)."""
+    if score in ("l2", "squared_l2"):
+        sq_S = distributed.all_sum(relu_BS.pow(2).sum(dim=0))
+        return sq_S.sqrt() if score == "l2" else sq_S
+    if score == "entropy":
+        flogf_S = torch.xlogy(relu_BS, relu_BS).sum(0)
+        sums_2S = distributed.all_sum(torch.stack([relu_BS.sum(0), flogf_S]))
+        mass_S, flogf_S = sums_2S.unbind(0)
+        safe_S = mass_S.clamp_min(torch.finfo(torch.float32).tiny)
+        entropy_S = safe_S.log() - flogf_S / safe_S
         return torch.where(mass_S > 0, entropy_S.exp(), 0.0)
     raise ValueError(f"unknown feature score {score!r}; allowed: {', '.join(SCORES)}")
 
@@ -718,7 +778,7 @@ class Sampled(BatchTopK):
         if n_pool >= int((scores_S > 0).sum()):
             return super()._kept(pre_acts)  # the pool holds every firing feature
         pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(pre_acts.device))
-        rows_K, slots_K = batch_topk(pre_acts[:, pool_P], self.k * pre_acts.shape[0])
+        rows_K, slots_K = global_batch_topk(pre_acts[:, pool_P], self.k)
         return rows_K, pool_P[slots_K]  # [batch, P] -> [batch, d_sae]
 
     @torch.no_grad()

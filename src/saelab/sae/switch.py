@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saelab import distributed
 from saelab.sae.activations import TopK, row_topk
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
@@ -216,8 +217,13 @@ class SwitchSAE(SparseAutoencoder):
         recomputed (a [batch, d_in] x [d_in, n_experts] product) rather than carried in ``out``.
         """
         probs_BE, expert_B = self.route(x)
-        f_E = torch.bincount(expert_B, minlength=self.n_experts).to(probs_BE.dtype) / len(x)
-        return self.balance_coef * self.n_experts * (f_E * probs_BE.mean(dim=0)).sum()
+        counts_E = torch.bincount(expert_B, minlength=self.n_experts)
+        if distributed.world_size() == 1:
+            f_E = counts_E.to(probs_BE.dtype) / len(x)
+        else:  # f and P over the global batch of data-parallel training
+            f_E = distributed.all_sum(counts_E).to(probs_BE.dtype)
+            f_E = f_E / distributed.global_count(len(x), x.device)
+        return self.balance_coef * self.n_experts * (f_E * distributed.global_mean(probs_BE)).sum()
 
     @torch.no_grad()
     def init_b_dec_(self, b_dec: Tensor) -> None:
