@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from saelab.config import ConfigError, ModelConfig, recorded_path
+from saelab.config import ConfigError, InputError, ModelConfig, check_provenance, recorded_path
 from saelab.splice import CleanPass, SuffixRunner
 from saelab.store import ActivationStore, ActivationWriter, atomic_dir
 
@@ -108,12 +108,12 @@ def read_contexts(store: ActivationStore, first: int, n: int) -> Tensor:
 
 
 def check_cache(clean: CleanPass, x: Tensor, store: ActivationStore, hookpoint: str) -> None:
-    """Raise ValueError unless the cached ``x`` [batch, seq, d_in] is the model's own activation
+    """Raise InputError unless the cached ``x`` [batch, seq, d_in] is the model's own activation
     ``clean.resid`` at ``hookpoint`` within :data:`CACHE_TOLERANCE` of the store's dtype."""
     ref = clean.resid.float()
     error = ((x - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
     if error > CACHE_TOLERANCE[store.dtype]:
-        raise ValueError(
+        raise InputError(
             f"activation store {store.path} does not hold the model's {hookpoint} activations of "
             f"these eval tokens (relative error {error:.2e} > {CACHE_TOLERANCE[store.dtype]:.0e}): "
             "re-run the cache stage"
@@ -257,6 +257,8 @@ def run_baseline_stage(cfg: Any, tokens: Path, activations: Path, out: Path) -> 
     from saelab.store import sink_norm
 
     store = ActivationStore(activations / "eval")
+    check_provenance(cfg.model, store=store)
+    check_provenance(cfg.model, store=ActivationStore(activations / "train"))
     contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)
     max_norm = sink_norm(
         activations / "train", cfg.sae.exclude_norm_factor, cfg.train.scale_tokens,
