@@ -9,6 +9,7 @@ store holds the uint16 bit patterns; :func:`decode_block` turns a block back int
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -50,9 +51,37 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Remove the temporary siblings ``<path>.tmp-<pid>`` and ``<path>.old-<pid>`` left by a
+    process that no longer runs (killed with SIGKILL, or by the OOM killer, before it could
+    clean up); those of a live process are kept. Returns the paths removed."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for sibling in path.parent.glob(f"{glob.escape(path.name)}.*-*"):
+        kind, _, pid = sibling.name[len(path.name) + 1 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(sibling)
+            removed.append(sibling)
+            logger.info("removed %s, left by a process that was killed", sibling)
+    return removed
+
+
 def _begin(path: Path) -> Path:
-    """Create an empty temporary sibling of ``path`` (a stale one is removed) and return it."""
+    """Create an empty temporary sibling of ``path`` and return it; this process's stale one
+    and those of dead processes (:func:`remove_stale_siblings`) are removed first."""
     tmp = _temp_sibling(path)
+    remove_stale_siblings(path)
     _remove(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -77,7 +106,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     Yields an empty directory ``<path>.tmp-<pid>``. When the block exits normally, an existing
     ``path`` (file or directory) is removed and the temporary directory renamed to ``path``;
     when it raises (including KeyboardInterrupt), the temporary directory is removed and the
-    exception propagates, leaving ``path`` as it was.
+    exception propagates, leaving ``path`` as it was. A process killed with SIGKILL cannot
+    clean up: its ``<path>.tmp-<pid>`` is removed by the next ``atomic_dir(path)`` (or
+    :class:`ActivationWriter`) of any process (:func:`remove_stale_siblings`).
     """
     path = Path(path)
     tmp = _begin(path)
