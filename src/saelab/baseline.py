@@ -155,8 +155,9 @@ def compute_baseline(
     (which must exist and be empty: the caller makes it atomic). Returns its attributes.
 
     Raises:
-        ValueError: the cache does not match the model's activations, or the suffix's CE does
-            not match the full forward's (see :func:`check_cache`).
+        ConfigError: the cache does not match the model's activations (:func:`check_cache`, an
+            InputError), or the suffix's CE does not match the full forward's (the model does
+            something the suffix does not replay).
     """
     n, t = spec.contexts.shape
     start = int(spec.skip_first_position)
@@ -205,12 +206,13 @@ def compute_baseline(
 
 
 def _check_ce(clean: CleanPass, ids: Tensor, start: int, ce_suffix: Tensor) -> dict[str, float]:
-    """CE of one batch by the full forward and by the suffix from the cache; ValueError when
-    they differ by more than :data:`CE_TOLERANCE` nats/token."""
+    """CE of one batch by the full forward and by the suffix from the cache; ConfigError (a
+    ValueError, one line from the command line) when they differ by more than
+    :data:`CE_TOLERANCE` nats/token."""
     full = token_losses(clean.logits, ids, start)[0].mean().item()
     cached = ce_suffix.mean().item()
     if abs(full - cached) > CE_TOLERANCE:
-        raise ValueError(
+        raise ConfigError(
             f"the suffix run from the cache gives CE {cached:.6f} but the full forward "
             f"{full:.6f} nats/token: the model transforms the logits or the residual stream in "
             "a way the recorded suffix does not replay"

@@ -123,7 +123,8 @@ def _first(output: Any) -> Tensor:
 
 
 def _check_chain(inputs: list[Tensor], outputs: list[Tensor], modules: list[nn.Module]) -> None:
-    """Raise ValueError unless every module after the first received the previous output."""
+    """Raise ConfigError (a ValueError: one line from the command line) unless every module
+    after the first received the previous output."""
     if len(inputs) != len(modules) or len(outputs) != len(modules):
         raise RuntimeError(
             f"expected one call of each of the {len(modules)} suffix modules in the clean "
@@ -131,7 +132,7 @@ def _check_chain(inputs: list[Tensor], outputs: list[Tensor], modules: list[nn.M
         )
     for i in range(1, len(modules)):
         if not (inputs[i] is outputs[i - 1] or torch.equal(inputs[i], outputs[i - 1])):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(modules[i]).__name__} (suffix module {i}) did not receive the output of "
                 f"{type(modules[i - 1]).__name__}: the model transforms the residual stream "
                 "between modules, which run_suffix would skip"
