@@ -269,8 +269,9 @@ def test_nan_from_the_model_stops_cache_naming_the_rows(work, capsys, monkeypatc
 
 
 def test_store_reads_check_every_block_for_nan_and_inf(tmp_path) -> None:
-    """Known answer: an inf at row 5 of a float32 store is reported by any read covering it, with
-    the first bad row; reads elsewhere pass."""
+    """Known answer: an inf at row 5 and a NaN at row 9 of a float32 store are reported by any
+    read covering them, with the first bad row (each alone too: the fast path, extremes by
+    aminmax, sees both kinds); reads elsewhere pass."""
     x = torch.ones(16, 4)
     x[5, 2], x[9, 0] = float("inf"), float("nan")
     with ActivationWriter(tmp_path / "s", 16, 4, "float32", "none", 0, 8, {"ctx_len": 4}) as w:
@@ -280,6 +281,12 @@ def test_store_reads_check_every_block_for_nan_and_inf(tmp_path) -> None:
     with pytest.raises(InputError, match=r"rows 4\.\.11 hold 2 NaN/inf values in 2 rows, the "
                        r"first in row 5"):  # fmt: skip
         store.read(4, 12)
+    with pytest.raises(
+        InputError, match=r"rows 4\.\.5 hold 1 NaN/inf values in 1 rows, the first in row 5"
+    ):
+        store.read(4, 6)  # an inf alone
+    with pytest.raises(InputError, match=r"the first in row 9"):
+        store.read(8, 16)  # a NaN alone
 
 
 def test_checkpoint_state_is_never_unpickled(tmp_path, caplog) -> None:
