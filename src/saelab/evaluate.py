@@ -503,7 +503,7 @@ def check_consistency(
     (:func:`saelab.config.check_provenance`), the sink norm and the evaluated contexts, before
     any work. ``evaluate.n_ctx`` beyond the cached contexts is an error of
     :func:`~saelab.baseline.eval_contexts`."""
-    b = {key: value for key, value in baseline.attrs.items() if key != "model_dtype"}
+    b = baseline.attrs
     check_provenance(cfg.model, store=store, sae=sae, sae_dir=sae_dir, baseline=b)
     for name, attrs in (("the SAE's cfg.json", sae.metadata), (f"store {store.path}", store.attrs)):
         if "hookpoint" not in attrs:
