@@ -1,7 +1,7 @@
 """Test-wide setup and fixtures: no test may reach the network (Hugging Face hub included).
 
-Models are tiny random Llama / GPT-2 / Gemma 2 built from configs and saved to a temp dir with the real
-SmolLM2 tokenizer from ../shared (a local copy: nothing is downloaded).
+Models are tiny random Llama / GPT-2 / Gemma 2 built from configs and saved to a temp dir with
+the real SmolLM2 tokenizer from ../shared (a local copy: nothing is downloaded).
 """
 
 import os
