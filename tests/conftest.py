@@ -1,7 +1,7 @@
 """Test-wide setup and fixtures: no test may reach the network (Hugging Face hub included).
 
-Models are tiny random Llama / GPT-2 built from configs and saved to a temp dir with the real
-SmolLM2 tokenizer from ../shared (a local copy: nothing is downloaded).
+Models are tiny random Llama / GPT-2 / Gemma 2 built from configs and saved to a temp dir with
+the real SmolLM2 tokenizer from ../shared (a local copy: nothing is downloaded).
 """
 
 import os
@@ -24,10 +24,16 @@ VOCAB = 49152
 
 def _save_tiny(arch: str, out: Path) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
 
     torch.manual_seed(0)
-    if arch == "llama":
+    if arch == "gemma2":  # soft-capping at 1 nat: far from the identity on these logits
+        config = Gemma2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            max_position_embeddings=256, sliding_window=8, final_logit_softcapping=1.0,
+        )  # fmt: skip
+    elif arch == "llama":
         config = LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -51,6 +57,13 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer GPT-2 (d_model 64, SmolLM2's vocabulary and tokenizer) on disk."""
     return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-layer Gemma 2 (d_model 64, sliding window 8, final logit soft-capping at 1)
+    with SmolLM2's vocabulary and tokenizer, on disk: logits transformed after the LM head."""
+    return _save_tiny("gemma2", tmp_path_factory.mktemp("tiny-gemma2"))
 
 
 @pytest.fixture

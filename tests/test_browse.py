@@ -24,6 +24,7 @@ from saelab.browse.collect import (
     sample_keys,
 )
 from saelab.browse.lens import logit_lens, nearest_by_cosine
+from saelab.config import recorded_path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -280,8 +281,10 @@ def tiny_pages(tmp_path_factory, tiny_llama_dir):
         sae.W_enc[:, PLANTED_LATENT] = u
     for variant in ("topk", "batchtopk"):
         sae_v = sae if variant == "topk" else build_sae("batchtopk", D_IN, D_SAE, 4, {}, g)
-        sae_v.save(root / "models" / variant, {"hookpoint": "blocks.2.hook_resid_pre",
-                                              "max_norm": 1e6, "model": "tiny"})  # fmt: skip
+        sae_v.save(root / "models" / variant, {
+            "hookpoint": "blocks.2.hook_resid_pre", "max_norm": 1e6,
+            "model": recorded_path(str(tiny_llama_dir), root),  # as train records it
+        })  # fmt: skip
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["variants"] = ["topk", "batchtopk"]

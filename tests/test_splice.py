@@ -3,9 +3,16 @@
 import pytest
 import torch
 
+import saelab.splice
 from saelab.capture import decoder_layers, hook_resid, load_model, splice_fn
-from saelab.config import ModelConfig
-from saelab.splice import clean_forward, run_suffix
+from saelab.config import ConfigError, ModelConfig
+from saelab.splice import (
+    SuffixRunner,
+    clean_forward,
+    final_logit_softcap,
+    run_calls,
+    run_suffix,
+)
 
 HOOKPOINTS = (
     "blocks.0.hook_resid_pre",
@@ -15,7 +22,7 @@ HOOKPOINTS = (
 )
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])
 def tiny_model(request, one_thread_module):
     """(model directory, loaded model) for each tiny architecture."""
     model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
@@ -105,3 +112,54 @@ def test_resid_shape_must_match(tiny_model, ids) -> None:
     _, suffix = clean_forward(model, _cfg(model_dir, HOOKPOINTS[1]), ids)
     with pytest.raises(ValueError, match="shape"):
         run_suffix(suffix, suffix.resid[:, 1:])
+
+
+def test_a_logit_transform_after_the_head_is_refused(tiny_model, ids) -> None:
+    """A model whose returned logits are not its LM head's output (here a forward hook on the
+    whole model doubling them, the shape of e.g. Cohere's logit_scale) fails in the clean pass
+    with one ConfigError naming the model param, instead of a suffix giving the raw head."""
+    model_dir, model = tiny_model
+
+    def double_logits(_module, _args, output):
+        output.logits = output.logits * 2
+        return output
+
+    handle = model.register_forward_hook(double_logits)
+    try:
+        with pytest.raises(ConfigError, match=r"^params: model\.name_or_path must be a model "):
+            clean_forward(model, _cfg(model_dir, HOOKPOINTS[1]), ids)
+    finally:
+        handle.remove()
+
+
+def test_gemma2_softcap_is_replayed_and_changes_the_logits(tiny_gemma2_dir, ids) -> None:
+    """Gemma 2's final logit soft-capping (c = 1 in the tiny model) is recorded with the head's
+    call: every replay (all calls, or the head alone on the final norm's output) applies
+    c·tanh(z/c), giving the model's own logits bit for bit, while the raw head output differs
+    from them by far more than rounding (what the suffix returned before it was applied)."""
+    cfg = _cfg(tiny_gemma2_dir, HOOKPOINTS[1])
+    model = load_model(cfg, torch.device("cpu"))
+    assert final_logit_softcap(model) == 1.0
+    clean, suffix = clean_forward(model, cfg, ids)
+    assert suffix.calls[-1].softcap == 1.0
+    assert all(call.softcap is None for call in suffix.calls[:-1])
+    assert clean.abs().max() <= 1.0  # capped
+    assert torch.equal(run_suffix(suffix, suffix.resid), clean)
+    raw = run_calls(suffix.calls[:-1], suffix.resid)
+    head = suffix.calls[-1]
+    raw_logits = head.module(raw, *head.args, **head.kwargs)
+    assert (raw_logits - clean).abs().max() > 0.1
+    runner = SuffixRunner(model, cfg)
+    runner.prepare(ids)
+    final = runner.final_hidden(ids.shape, suffix.resid)
+    assert torch.equal(runner.head(ids.shape, final), clean)
+
+
+def test_gemma2_without_the_softcap_replay_is_refused(tiny_gemma2_dir, ids, monkeypatch) -> None:
+    """Were the soft-capping not known (final_logit_softcap returning None), the clean pass
+    would see the head's raw output differ from the model's logits and refuse the model."""
+    cfg = _cfg(tiny_gemma2_dir, HOOKPOINTS[1])
+    model = load_model(cfg, torch.device("cpu"))
+    monkeypatch.setattr(saelab.splice, "final_logit_softcap", lambda _model: None)
+    with pytest.raises(ConfigError, match="GemmaForCausalLM|Gemma2ForCausalLM"):
+        clean_forward(model, cfg, ids)

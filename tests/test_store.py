@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from saelab.store import (
     encode_block,
     iter_batches,
     make_compressors,
+    remove_stale_siblings,
 )
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -349,3 +353,27 @@ def test_iter_batches_sequential(index_store: Path, exclude: bool) -> None:
     expected = NOT_POS0 if exclude else list(range(128))
     assert [len(b) for b in batches] == [50, 50, len(expected) - 100]
     assert [r for b in batches for r in rows_of(b)] == expected
+
+
+def test_atomic_dir_removes_what_killed_processes_left(tmp_path: Path) -> None:
+    """A process killed with SIGKILL leaves ``<out>.tmp-<pid>`` (and maybe ``<out>.old-<pid>``):
+    the next atomic_dir(out) removes those of dead processes, keeps a live process's one and
+    anything not of that form, and commits as usual."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    out = tmp_path / "out"
+    stale = [tmp_path / f"out.tmp-{dead_pid}", tmp_path / f"out.old-{dead_pid}"]
+    kept = [
+        tmp_path / f"out.tmp-{live_pid}",
+        tmp_path / "out.tmp-x1",
+        tmp_path / f"outs.tmp-{dead_pid}",
+    ]
+    for path in stale + kept:
+        path.mkdir()
+        (path / "partial").write_text("half")
+    with atomic_dir(out) as tmp:
+        (tmp / "done").write_text("ok")
+    assert sorted(tmp_path.iterdir()) == sorted([out, *kept])
+    assert (out / "done").read_text() == "ok"
+    assert remove_stale_siblings(out) == []

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from saelab.config import ConfigError, ModelConfig, recorded_path
+from saelab.config import ConfigError, InputError, ModelConfig, check_provenance, recorded_path
 from saelab.splice import CleanPass, SuffixRunner
 from saelab.store import ActivationStore, ActivationWriter, atomic_dir
 
@@ -153,12 +153,12 @@ def read_contexts(store: ActivationStore, first: int, n: int) -> Tensor:
 
 
 def check_cache(clean: CleanPass, x: Tensor, store: ActivationStore, hookpoint: str) -> None:
-    """Raise ValueError unless the cached ``x`` [batch, seq, d_in] is the model's own activation
+    """Raise InputError unless the cached ``x`` [batch, seq, d_in] is the model's own activation
     ``clean.resid`` at ``hookpoint`` within :data:`CACHE_TOLERANCE` of the store's dtype."""
     ref = clean.resid.float()
     error = ((x - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
     if error > CACHE_TOLERANCE[store.dtype]:
-        raise ValueError(
+        raise InputError(
             f"activation store {store.path} does not hold the model's {hookpoint} activations of "
             f"these eval tokens (relative error {error:.2e} > {CACHE_TOLERANCE[store.dtype]:.0e}): "
             "re-run the cache stage"
@@ -200,8 +200,9 @@ def compute_baseline(
     (which must exist and be empty: the caller makes it atomic). Returns its attributes.
 
     Raises:
-        ValueError: the cache does not match the model's activations, or the suffix's CE does
-            not match the full forward's (see :func:`check_cache`).
+        ConfigError: the cache does not match the model's activations (:func:`check_cache`, an
+            InputError), or the suffix's CE does not match the full forward's (the model does
+            something the suffix does not replay).
     """
     n, t = spec.contexts.shape
     start = int(spec.skip_first_position)
@@ -254,12 +255,13 @@ def compute_baseline(
 
 
 def _check_ce(clean: CleanPass, ids: Tensor, start: int, ce_suffix: Tensor) -> dict[str, float]:
-    """CE of one batch by the full forward and by the suffix from the cache; ValueError when
-    they differ by more than :data:`CE_TOLERANCE` nats/token."""
+    """CE of one batch by the full forward and by the suffix from the cache; ConfigError (a
+    ValueError, one line from the command line) when they differ by more than
+    :data:`CE_TOLERANCE` nats/token."""
     full = token_losses(clean.logits, ids, start)[0].mean().item()
     cached = ce_suffix.mean().item()
     if abs(full - cached) > CE_TOLERANCE:
-        raise ValueError(
+        raise ConfigError(
             f"the suffix run from the cache gives CE {cached:.6f} but the full forward "
             f"{full:.6f} nats/token: the model transforms the logits or the residual stream in "
             "a way the recorded suffix does not replay"
@@ -306,6 +308,8 @@ def run_baseline_stage(cfg: Any, tokens: Path, activations: Path, out: Path) -> 
     from saelab.store import sink_norm
 
     store = ActivationStore(activations / "eval")
+    check_provenance(cfg.model, store=store)
+    check_provenance(cfg.model, store=ActivationStore(activations / "train"))
     contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)
     max_norm = sink_norm(
         activations / "train", cfg.sae.exclude_norm_factor, cfg.train.scale_tokens,

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from saelab.capture import capture_resid
 from saelab.config import PipelineConfig, recorded_path
-from saelab.store import ActivationWriter
+from saelab.store import ActivationWriter, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ def cache_split(
     contexts: [n_ctx, ctx_len] int32 token ids. store_dtype: the stored dtype (None:
     ``cfg.cache.store_dtype``). Written atomically by :class:`ActivationWriter`;
     attrs record the model, hookpoint, ctx_len, the token array it came from and tokens/s.
+
+    Raises:
+        InputError: the model's activations hold NaN or inf (e.g. a float16 overflow); the
+            message names the store rows, and nothing is written.
     """
     n_ctx, ctx_len = contexts.shape
     d_in = model.config.get_text_config().hidden_size
@@ -53,8 +57,13 @@ def cache_split(
                       unit_scale=True) as bar:  # fmt: skip
         for i in range(0, n_ctx, batch):
             ids = torch.from_numpy(contexts[i : i + batch].astype(np.int64)).to(device)
-            resid = capture_resid(model, cfg.model, ids)  # [batch, ctx_len, d_in]
-            writer.write(resid.reshape(-1, d_in))
+            # [batch * ctx_len, d_in]
+            resid = capture_resid(model, cfg.model, ids).reshape(-1, d_in)
+            check_finite(
+                resid, f"cache: the model's {cfg.model.hookpoint} activations for store {out}",
+                i * ctx_len, f"check model.dtype (now {cfg.model.dtype}) and the model",
+            )  # fmt: skip
+            writer.write(resid)
             bar.update(ids.numel())
         seconds = time.perf_counter() - start
         writer.attrs["tokens_per_s"] = n_ctx * ctx_len / seconds

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 import click
 
 from saelab.allocator import keep_freed_memory
-from saelab.config import VARIANTS, ConfigError, PipelineConfig, load_params, recorded_path
+from saelab.config import (
+    VARIANTS,
+    ConfigError,
+    PipelineConfig,
+    check_provenance,
+    load_params,
+    recorded_path,
+)
 
 if TYPE_CHECKING:
     from saelab.store import ActivationStore
@@ -183,6 +190,7 @@ def train(
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     store = ActivationStore(Path(activations) / "train")
+    check_provenance(cfg.model, store=store)
     batches, max_norm = _training_batches(cfg, store, part=(rank, world))
     whole = _training_batches(cfg, store, max_norm=max_norm)[0] if world > 1 else None
     data_id = {"store": store.attrs, "exclude_first_position": cfg.sae.exclude_first_position,
@@ -315,22 +323,21 @@ def evaluate(
     per_context: str | None,
 ) -> None:
     """Reconstruction, sparsity and spliced CE/KL with 95% intervals on the eval contexts."""
-    from saelab.evaluate import run_evaluation
+    from saelab.evaluate import evaluate_inputs, open_evaluation
     from saelab.tracking import mlflow_run, tracking_uri, write_json_atomic, write_npz_atomic
 
     cfg = load_params(params_path)
-    sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
-    if sae_cfg["variant"] != variant:
-        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg['variant']} SAE, not {variant}")
-    metadata = sae_cfg["metadata"]
+    _check_variant(sae_dir, variant)
+    inputs = open_evaluation(
+        cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
+    )
+    metadata = inputs.sae.metadata
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
     tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # if run_id is not stored
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
-        metrics, histograms, sums = run_evaluation(
-            cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
-        )
-        metrics.update({f"train_{k}": v for k, v in metadata["train_summary"].items()})
+        metrics, histograms, sums = evaluate_inputs(cfg, inputs)
+        metrics.update({f"train_{k}": v for k, v in metadata.get("train_summary", {}).items()})
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         if hist is not None:
             write_json_atomic(hist, {"variant": variant, "k": cfg.k, **histograms})
@@ -506,12 +513,19 @@ def structure(
     from saelab.tracking import write_json_atomic
 
     cfg = load_params(params_path)
-    sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
-    if sae_cfg["variant"] != variant:
-        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg['variant']} SAE, not {variant}")
+    _check_variant(sae_dir, variant)
     metrics = run_structure(cfg, Path(sae_dir), Path(probes), Path(activations))
     write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
     log.info("%s structure: %s", variant, json.dumps(metrics, indent=1))
+
+
+def _check_variant(sae_dir: str, variant: str) -> None:
+    """ConfigError unless the SAE in ``sae_dir`` is a ``variant`` SAE (its cfg.json readable)."""
+    from saelab.sae import read_sae_config
+
+    held = read_sae_config(sae_dir).get("variant")
+    if held != variant:
+        raise ConfigError(f"--sae {sae_dir} holds a {held} SAE, not {variant}")
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:

@@ -42,6 +42,13 @@ class ConfigError(ValueError):
     """A parameter is missing, unknown or out of range; the message names the dotted key."""
 
 
+class InputError(ConfigError):
+    """An input the project reads is unreadable, corrupt or non-finite, or disagrees with the
+    params or with another input (the SAE's metadata, a store's attributes); the one-line
+    message names the file (or both sides) and what is wrong. A :class:`ConfigError`, so the
+    command line prints it as one line and exits 2 (``saelab.cli.main``)."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """prepare stage: corpus -> packed token contexts.
@@ -785,5 +792,53 @@ def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params: file {path} not found")
-    with path.open() as f:
-        return parse_params(yaml.safe_load(f))
+    try:
+        with path.open() as f:
+            raw = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"params: {path} is not valid YAML ({what}{at})") from e
+    return parse_params(raw)
+
+
+PROVENANCE_KEYS = ("model", "gguf_file", "hookpoint", "d_in")
+
+
+def check_provenance(
+    model: ModelConfig,
+    *,
+    store: Any = None,
+    sae: Any = None,
+    sae_dir: str | Path | None = None,
+    baseline: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`InputError` (one line naming both sides) unless the params' ``model``, an
+    activation store's attributes (``store``: a :class:`saelab.store.ActivationStore`), an SAE's
+    ``cfg.json`` metadata and ``d_in`` (``sae``: a loaded SAE, read from ``sae_dir``) and a
+    baseline's attributes agree on :data:`PROVENANCE_KEYS` (the model as recorded, the GGUF file,
+    the hookpoint, d_in), before any work. Sides given as None are skipped, and so is a key that
+    an input does not record."""
+    sides: list[tuple[str, Mapping[str, Any]]] = [("params", {
+        "model": recorded_path(model.name_or_path), "gguf_file": model.gguf_file,
+        "hookpoint": model.hookpoint,
+    })]  # fmt: skip
+    if store is not None:
+        sides.append((f"activation store {store.path}", {**store.attrs, "d_in": store.d_in}))
+    if sae is not None:
+        where = Path(sae_dir) / "cfg.json" if sae_dir is not None else "the SAE's cfg.json"
+        sides.append((str(where), {**sae.metadata, "d_in": sae.d_in}))
+    if baseline is not None:
+        sides.append(("the baseline's baseline.json", baseline))
+    for key in PROVENANCE_KEYS:
+        known = [(_provenance_label(side, key), v[key]) for side, v in sides if key in v]
+        for (left, a), (right, b) in zip(known, known[1:], strict=False):
+            if a != b:
+                raise InputError(f"{left} is {a!r} but {right} is {b!r}")
+
+
+def _provenance_label(side: str, key: str) -> str:
+    if side == "params":
+        return f"params model.{'name_or_path' if key == 'model' else key}"
+    return f"{side}'s {key}"

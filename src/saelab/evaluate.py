@@ -100,7 +100,7 @@ from saelab.baseline import (
     token_losses,
 )
 from saelab.capture import Replacement, splice_fn
-from saelab.config import ConfigError, ModelConfig, PipelineConfig
+from saelab.config import ConfigError, InputError, ModelConfig, PipelineConfig, check_provenance
 from saelab.sae import SwitchSAE, load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
@@ -496,26 +496,31 @@ def _all_spliced(
 
 
 def check_consistency(
-    cfg: PipelineConfig, sae: SparseAutoencoder, store: ActivationStore, baseline: Baseline
+    cfg: PipelineConfig,
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    baseline: Baseline,
+    sae_dir: Path | None = None,
 ) -> None:
     """Raise ConfigError (one line naming both sides) unless the SAE, the cached eval
-    activations, the baseline and the params agree on the hookpoint, d_in, the sink norm and
-    the evaluated contexts, before any work."""
-    meta, b = sae.metadata, baseline.attrs
-    pairs = [
-        ("params model.hookpoint", cfg.model.hookpoint, "the SAE's hookpoint",
-         meta.get("hookpoint")),
-        ("params model.hookpoint", cfg.model.hookpoint, f"store {store.path}'s hookpoint",
-         store.attrs.get("hookpoint")),
-        ("params model.hookpoint", cfg.model.hookpoint, "the baseline's hookpoint", b["hookpoint"]),
-        ("the SAE's d_in", sae.d_in, f"store {store.path}'s d_in", store.d_in),
-        ("the SAE's max_norm", meta.get("max_norm"), "the baseline's max_norm", b["max_norm"]),
-    ]  # fmt: skip
-    for left, a, right, c in pairs:
-        if not _agree(a, c):
-            raise ConfigError(f"{left} is {a!r} but {right} is {c!r}")
+    activations, the baseline and the params agree on the model, the hookpoint, d_in
+    (:func:`saelab.config.check_provenance`), the sink norm and the evaluated contexts, before
+    any work. ``evaluate.n_ctx`` beyond the cached contexts is an error of
+    :func:`~saelab.baseline.eval_contexts`."""
+    b = baseline.attrs
+    check_provenance(cfg.model, store=store, sae=sae, sae_dir=sae_dir, baseline=b)
+    for name, attrs in (("the SAE's cfg.json", sae.metadata), (f"store {store.path}", store.attrs)):
+        if "hookpoint" not in attrs:
+            raise InputError(
+                f"{name} does not record its hookpoint: re-run the stage that wrote it"
+            )
+    max_norm = sae.metadata.get("max_norm")
+    if not _agree(max_norm, b["max_norm"]):
+        raise InputError(
+            f"the SAE's max_norm is {max_norm!r} but the baseline's max_norm is {b['max_norm']!r}"
+        )
     cached = store.n_tokens // store.ctx_len
-    wanted = cached if cfg.evaluate.n_ctx is None else min(cfg.evaluate.n_ctx, cached)
+    wanted = cached if cfg.evaluate.n_ctx is None else cfg.evaluate.n_ctx
     if wanted != b["n_ctx"]:
         raise ConfigError(
             f"params evaluate.n_ctx selects {wanted} eval contexts but the baseline holds "
@@ -529,36 +534,68 @@ def _agree(a: Any, b: Any) -> bool:
     return a == b
 
 
-def run_evaluation(
-    cfg: PipelineConfig, sae_dir: Path, tokens: Path, activations: Path, baseline_dir: Path
-) -> tuple[dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
-    """The evaluate stage for the SAE in ``sae_dir`` (definitions: module docstring): its
-    metrics (with 95% intervals), histograms, and the per-context sums (CE_SUMS, RECON_SUMS)
-    that the summary pairs across SAEs.
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """What an evaluation reads, loaded and checked against each other and the params
+    (:func:`open_evaluation`): the SAE (eval mode), its directory, the cached eval store, the
+    evaluated contexts ``[n_ctx, ctx_len] int64`` and the baseline."""
 
-    Every metric is on the evaluated eval contexts (``evaluate.n_ctx``, null: all cached), with
-    the clean and ablated CE and the clean LM-head inputs from the baseline in ``baseline_dir``
-    (computed once for all SAEs). For BatchTopK and Sampled, ``l0`` and ``fvu`` use the
-    inference rule (global threshold θ); ``l0_batch_mode`` and ``fvu_train_rule`` the training
-    rule at the training batch size.
+    sae: SparseAutoencoder
+    sae_dir: Path
+    store: ActivationStore
+    contexts: np.ndarray
+    baseline: Baseline
+
+
+def open_evaluation(
+    cfg: PipelineConfig, sae_dir: Path, tokens: Path, activations: Path, baseline_dir: Path
+) -> EvaluationInputs:
+    """Load the inputs of an evaluation and check them, before any work (or MLflow run).
 
     Raises:
-        ConfigError: the SAE, the store, the baseline and the params disagree
-            (:func:`check_consistency`), or ``evaluate.n_ctx`` exceeds the cached contexts.
+        ConfigError: an input is missing or corrupt (:class:`~saelab.config.InputError`), the
+            SAE, the store, the baseline and the params disagree (:func:`check_consistency`), or
+            ``evaluate.n_ctx`` exceeds the cached contexts.
     """
-    from saelab.capture import load_model, resolve_device
     from saelab.data import read_tokens
-    from saelab.store import drop_outliers, iter_batches
 
     sae, baseline = load_sae(sae_dir).eval(), load_baseline(baseline_dir)
     store = ActivationStore(activations / "eval")
     contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)
-    check_consistency(cfg, sae, store, baseline)
+    check_consistency(cfg, sae, store, baseline, sae_dir)
+    return EvaluationInputs(sae, sae_dir, store, contexts, baseline)
+
+
+def run_evaluation(
+    cfg: PipelineConfig, sae_dir: Path, tokens: Path, activations: Path, baseline_dir: Path
+) -> tuple[dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
+    """The evaluate stage for the SAE in ``sae_dir``: :func:`evaluate_inputs` of
+    :func:`open_evaluation` (whose errors it raises)."""
+    return evaluate_inputs(cfg, open_evaluation(cfg, sae_dir, tokens, activations, baseline_dir))
+
+
+def evaluate_inputs(
+    cfg: PipelineConfig, inputs: EvaluationInputs
+) -> tuple[dict[str, float], dict[str, Any], dict[str, np.ndarray]]:
+    """The evaluate stage (definitions: module docstring) on checked inputs: the SAE's metrics
+    (with 95% intervals), histograms, and the per-context sums (CE_SUMS, RECON_SUMS) that the
+    summary pairs across SAEs.
+
+    Every metric is on the evaluated eval contexts (``evaluate.n_ctx``, null: all cached), with
+    the clean and ablated CE and the clean LM-head inputs from the baseline (computed once for
+    all SAEs). For BatchTopK and Sampled, ``l0`` and ``fvu`` use the inference rule (global
+    threshold θ); ``l0_batch_mode`` and ``fvu_train_rule`` the training rule at the training
+    batch size.
+    """
+    from saelab.capture import load_model, resolve_device
+    from saelab.store import drop_outliers, iter_batches
+
+    sae, store, baseline, contexts = inputs.sae, inputs.store, inputs.baseline, inputs.contexts
     max_norm = sae.metadata.get("max_norm")
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device)
-    inputs = SplicedInputs(contexts, store, baseline, cfg.evaluate.batch_size)
-    sums, recon_stats = spliced_pass(sae.to(device), model, cfg.model, inputs)
+    spliced = SplicedInputs(contexts, store, baseline, cfg.evaluate.batch_size)
+    sums, recon_stats = spliced_pass(sae.to(device), model, cfg.model, spliced)
     metrics = {**recon_stats.metrics(), **interval_metrics(
         sums.sums, cfg.evaluate.n_bootstrap, cfg.evaluate.bootstrap_seed)}  # fmt: skip
     metrics.update(_sparsity_extremes(recon_stats), **_exclusion(baseline), max_norm=max_norm)

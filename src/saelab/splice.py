@@ -14,13 +14,22 @@ The suffix is the chain ``layers[start] -> ... -> layers[-1] -> final norm -> lm
 (the output of layer L is the input of layer L + 1, or of the final norm after the last layer).
 :func:`clean_forward` checks that in the clean pass each module of the chain received exactly
 the previous one's output, so a model that does anything else between them (scaling, a
-per-layer mask computed in the loop, logit soft-capping after the head, ...) fails loudly rather
-than giving wrong logits. Covers Llama-family models and GPT-2 (transformers 5 decoder layers
-return a tensor; a tuple's first element is taken as the hidden state).
+per-layer mask computed in the loop, ...) fails loudly rather than giving wrong logits.
+
+After the head, a model may transform the logits before returning them. The one transform known
+here is the final logit soft-capping of Gemma 2 and 3 (``config.final_logit_softcapping`` = c:
+``logits = c · tanh(head / c)``, Gemma Team 2024, "Gemma 2", sec. 2): it is recorded with the
+head's call and applied by every replay, exactly as transformers computes it. The clean pass then
+checks that the recorded chain, transform included, reproduces ``model(...).logits`` exactly;
+any other transform fails there with a :class:`~saelab.config.ConfigError` naming the model,
+rather than giving spliced CE and KL on the wrong logits. Covers Llama-family models, GPT-2 and
+Gemma 2 (transformers 5 decoder layers return a tensor; a tuple's first element is taken as the
+hidden state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.capture import decoder_layers
-from saelab.config import ModelConfig
+from saelab.config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +48,30 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
 @dataclass(frozen=True)
 class Call:
-    """One module call of the suffix: ``module(hidden, *args, **kwargs)``."""
+    """One module call of the suffix: ``module(hidden, *args, **kwargs)``, its output then
+    soft-capped to ``softcap · tanh(output / softcap)`` when ``softcap`` is set (the LM head of
+    a model with final logit soft-capping; module docstring)."""
 
     module: nn.Module
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    softcap: float | None = None
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-capping c (``config.final_logit_softcapping``: Gemma 2 and
+    3), or None when it has none."""
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None and config is not None and hasattr(config, "get_text_config"):
+        cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
+def softcap_logits(logits: Tensor, cap: float) -> Tensor:
+    """``cap · tanh(logits / cap)``, in the order of operations of transformers' Gemma 2 (so
+    that a replay equals the model's own logits bit for bit)."""
+    return torch.tanh(logits / cap) * cap
 
 
 @dataclass(frozen=True)
@@ -95,7 +123,8 @@ def _first(output: Any) -> Tensor:
 
 
 def _check_chain(inputs: list[Tensor], outputs: list[Tensor], modules: list[nn.Module]) -> None:
-    """Raise ValueError unless every module after the first received the previous output."""
+    """Raise ConfigError (a ValueError: one line from the command line) unless every module
+    after the first received the previous output."""
     if len(inputs) != len(modules) or len(outputs) != len(modules):
         raise RuntimeError(
             f"expected one call of each of the {len(modules)} suffix modules in the clean "
@@ -103,7 +132,7 @@ def _check_chain(inputs: list[Tensor], outputs: list[Tensor], modules: list[nn.M
         )
     for i in range(1, len(modules)):
         if not (inputs[i] is outputs[i - 1] or torch.equal(inputs[i], outputs[i - 1])):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(modules[i]).__name__} (suffix module {i}) did not receive the output of "
                 f"{type(modules[i - 1]).__name__}: the model transforms the residual stream "
                 "between modules, which run_suffix would skip"
@@ -142,7 +171,24 @@ def clean_forward(model: nn.Module, cfg: ModelConfig, input_ids: Tensor) -> tupl
         for handle in handles:
             handle.remove()
     _check_chain(inputs, outputs, modules)
+    cap = final_logit_softcap(model)
+    if cap is not None:
+        calls[-1] = dataclasses.replace(calls[-1], softcap=cap)
+    _check_logits(model, outputs[-1], cap, logits)
     return logits, Suffix(inputs[0].clone(), tuple(calls))
+
+
+def _check_logits(model: nn.Module, head: Tensor, cap: float | None, logits: Tensor) -> None:
+    """ConfigError unless the LM head's output ``head`` (soft-capped by ``cap`` when set) is
+    exactly the ``logits`` the model returned [batch, seq, vocab]."""
+    replayed = head if cap is None else softcap_logits(head, cap)
+    if replayed.shape != logits.shape or not torch.equal(replayed, logits):
+        known = "" if cap is None else f" soft-capped at {cap}"
+        raise ConfigError(
+            f"params: model.name_or_path must be a model whose logits are its LM head's "
+            f"output{known}; {type(model).__name__} transforms them after the head, which the "
+            "spliced suffix cannot replay (spliced CE and KL would be wrong)"
+        )
 
 
 @torch.inference_mode()
@@ -160,6 +206,8 @@ def run_calls(calls: tuple[Call, ...], hidden: Tensor) -> Tensor:
     """Call ``calls`` in order on ``hidden`` (each module's first output feeds the next)."""
     for call in calls:
         hidden = _first(call.module(hidden, *call.args, **call.kwargs))
+        if call.softcap is not None:
+            hidden = softcap_logits(hidden, call.softcap)
     return hidden
 
 
@@ -188,7 +236,9 @@ def same_arguments(a: Any, b: Any) -> bool:
 def same_calls(a: tuple[Call, ...], b: tuple[Call, ...]) -> bool:
     """True when two recorded suffixes call the same modules with equal arguments."""
     return len(a) == len(b) and all(
-        x.module is y.module and same_arguments((x.args, x.kwargs), (y.args, y.kwargs))
+        x.module is y.module
+        and x.softcap == y.softcap
+        and same_arguments((x.args, x.kwargs), (y.args, y.kwargs))
         for x, y in zip(a, b, strict=True)
     )
 

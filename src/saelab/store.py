@@ -9,6 +9,7 @@ store holds the uint16 bit patterns; :func:`decode_block` turns a block back int
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from saelab.config import InputError
 from saelab.distributed import part_bounds
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,37 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Remove the temporary siblings ``<path>.tmp-<pid>`` and ``<path>.old-<pid>`` left by a
+    process that no longer runs (killed with SIGKILL, or by the OOM killer, before it could
+    clean up); those of a live process are kept. Returns the paths removed."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for sibling in path.parent.glob(f"{glob.escape(path.name)}.*-*"):
+        kind, _, pid = sibling.name[len(path.name) + 1 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(sibling)
+            removed.append(sibling)
+            logger.info("removed %s, left by a process that was killed", sibling)
+    return removed
+
+
 def _begin(path: Path) -> Path:
-    """Create an empty temporary sibling of ``path`` (a stale one is removed) and return it."""
+    """Create an empty temporary sibling of ``path`` and return it; this process's stale one
+    and those of dead processes (:func:`remove_stale_siblings`) are removed first."""
     tmp = _temp_sibling(path)
+    remove_stale_siblings(path)
     _remove(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -77,7 +107,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     Yields an empty directory ``<path>.tmp-<pid>``. When the block exits normally, an existing
     ``path`` (file or directory) is removed and the temporary directory renamed to ``path``;
     when it raises (including KeyboardInterrupt), the temporary directory is removed and the
-    exception propagates, leaving ``path`` as it was.
+    exception propagates, leaving ``path`` as it was. A process killed with SIGKILL cannot
+    clean up: its ``<path>.tmp-<pid>`` is removed by the next ``atomic_dir(path)`` (or
+    :class:`ActivationWriter`) of any process (:func:`remove_stale_siblings`).
     """
     path = Path(path)
     tmp = _begin(path)
@@ -221,6 +253,7 @@ class ActivationWriter:
             dtype=np_dtype,
             compressors=compressors,
             zarr_format=3,
+            config={"write_empty_chunks": True},  # every chunk on disk (ActivationStore checks)
         )
         self._buffer = np.empty((self.chunk_tokens, d_in), dtype=np_dtype)
         self._n_buffered = 0
@@ -325,28 +358,56 @@ def _check_writer_args(
 class ActivationStore:
     """Read access to a store written by :class:`ActivationWriter`.
 
+    Every read checks its rows (:meth:`read_raw`): a chunk that cannot be decoded, or NaN/inf
+    values, raise :class:`~saelab.config.InputError` naming the store and the rows.
+
     Raises:
         FileNotFoundError: no zarr array at ``path``.
-        ValueError: an attribute of :data:`REQUIRED_ATTRS` is missing or disagrees with the shape.
+        InputError: ``zarr.json`` is unreadable, an attribute of :data:`REQUIRED_ATTRS` is
+            missing or disagrees with the shape, or a chunk file is missing (zarr would read
+            it as zeros).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._array = zarr.open_array(str(self.path), mode="r")
-        self.attrs: dict[str, Any] = dict(self._array.attrs)
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(f"activation store {path}: no zarr array (no zarr.json)")
+        try:
+            self._array = zarr.open_array(str(self.path), mode="r")
+            self.attrs: dict[str, Any] = dict(self._array.attrs)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise InputError(f"{self.path / 'zarr.json'}: unreadable ({_reason(e)})") from e
         if missing := [k for k in REQUIRED_ATTRS if k not in self.attrs]:
-            raise ValueError(f"activation store {path} lacks attributes {missing}")
-        _check_dtype(self.attrs["dtype"])
+            raise InputError(f"activation store {path} lacks attributes {missing}")
+        if self.attrs["dtype"] not in STORE_DTYPES:
+            raise InputError(
+                f"activation store {path}: attribute dtype must be one of "
+                f"{sorted(STORE_DTYPES)}, got {self.attrs['dtype']!r}"
+            )
         self.dtype: str = self.attrs["dtype"]
         self.n_tokens: int = int(self.attrs["n_tokens"])
         self.d_in: int = int(self.attrs["d_in"])
         self.ctx_len: int = int(self.attrs["ctx_len"])
         if tuple(self._array.shape) != (self.n_tokens, self.d_in):
-            raise ValueError(
+            raise InputError(
                 f"activation store {path}: shape {self._array.shape} but attrs say "
                 f"[{self.n_tokens}, {self.d_in}]"
             )
         self.chunk_tokens: int = int(self._array.chunks[0])
+        self._check_chunk_files()
+
+    def _check_chunk_files(self) -> None:
+        """InputError when a chunk file is missing: zarr reads a missing chunk as its fill
+        value (zeros), which would pass for activations."""
+        encode = self._array.metadata.encode_chunk_key
+        for index in range(self.n_chunks):
+            name = encode((index, 0))
+            if not (self.path / name).is_file():
+                start, stop = self.chunk_range(index)
+                raise InputError(
+                    f"activation store {self.path}: chunk file {name} (rows {start}..{stop - 1}) "
+                    "is missing: re-run the cache stage"
+                )
 
     @property
     def n_chunks(self) -> int:
@@ -358,8 +419,24 @@ class ActivationStore:
         return start, min(start + self.chunk_tokens, self.n_tokens)
 
     def read_raw(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` in the logical dtype (bfloat16, float16 or float32)."""
-        return _as_torch(self._array[start:stop], self.dtype)
+        """Rows ``[start, stop)`` in the logical dtype (bfloat16, float16 or float32).
+
+        Raises:
+            InputError: a chunk of these rows cannot be read or decoded (a corrupt or truncated
+                chunk file), or the rows hold NaN or inf (the message names the first such row).
+        """
+        try:
+            block = self._array[start:stop]
+        except (RuntimeError, ValueError, OSError, TypeError) as e:
+            first, last = start // self.chunk_tokens, (stop - 1) // self.chunk_tokens
+            chunks = f"chunk {first}" if first == last else f"chunks {first}..{last}"
+            raise InputError(
+                f"activation store {self.path}: {chunks} (rows {start}..{stop - 1}) unreadable "
+                f"({_reason(e)}): re-run the cache stage"
+            ) from e
+        rows = _as_torch(block, self.dtype)
+        check_finite(rows, f"activation store {self.path}", start, "re-run the cache stage")
+        return rows
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)``: ``[stop - start, d_in] float32``."""
@@ -374,6 +451,31 @@ class ActivationStore:
         if not exclude_first_position:
             return self.n_tokens
         return self.n_tokens - len(range(0, self.n_tokens, self.ctx_len))
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as ``<Type>: <first line>``, for a one-line error message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def check_finite(rows: torch.Tensor, what: str, first_row: int = 0, hint: str = "") -> None:
+    """Raise :class:`~saelab.config.InputError` naming ``what``, the rows and the first bad row
+    when ``rows`` ``[n, d_in]`` (any float dtype) hold NaN or inf. ``first_row``: the index of
+    ``rows[0]`` in ``what``; ``hint``: what to do, appended after a colon.
+
+    Fast path: the extremes (``torch.aminmax``, which propagates NaN; an inf is an extreme) are
+    finite exactly when every value is, in one reduction without a boolean copy of the block.
+    """
+    if rows.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(rows)):
+        return
+    finite = torch.isfinite(rows)
+    bad = (~finite).any(-1).nonzero()[:, 0]
+    raise InputError(
+        f"{what}: rows {first_row}..{first_row + len(rows) - 1} hold {int((~finite).sum())} "
+        f"NaN/inf values in {len(bad)} rows, the first in row {first_row + int(bad[0])}"
+        + (f": {hint}" if hint else "")
+    )
 
 
 class ShuffledBatches:

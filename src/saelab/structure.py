@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelab.config import PipelineConfig, StructureConfig
+from saelab.config import PipelineConfig, StructureConfig, check_provenance
 from saelab.probes import LETTERS, ProbeData, ProbeTask, mean_pool
 
 log = logging.getLogger(__name__)
@@ -453,6 +453,8 @@ def run_structure(
     p = cfg.structure
     t0 = time.perf_counter()
     sae = load_sae(sae_dir)
+    store = ActivationStore(activations / "eval")
+    check_provenance(cfg.model, store=store, sae=sae, sae_dir=sae_dir)
     data = read_probe_data(probes)
     metrics: dict[str, float] = dict(data.attrs["raw_probe"])
     t1 = time.perf_counter()
@@ -460,7 +462,6 @@ def run_structure(
     t2 = time.perf_counter()
     metrics.update(absorption_metrics(sae, data, p))
     t3 = time.perf_counter()
-    store = ActivationStore(activations / "eval")
     batches = list(
         context_batches(
             store,

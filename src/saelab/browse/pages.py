@@ -15,8 +15,8 @@ import torch
 from saelab.browse.build import Lens, PageInfo, write_compare_pages, write_variant_pages
 from saelab.browse.collect import collect_features
 from saelab.browse.lens import logit_lens, nearest_by_cosine
-from saelab.config import ConfigError, PipelineConfig
-from saelab.sae import BatchTopK, SwitchSAE, load_sae
+from saelab.config import ConfigError, PipelineConfig, check_provenance
+from saelab.sae import BatchTopK, SwitchSAE, load_sae, read_sae_config
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def build_features(
 
     fc = cfg.features
     t0 = time.perf_counter()
-    sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
-    if sae_cfg["variant"] != variant:
-        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg['variant']} SAE, not {variant}")
+    sae_cfg = read_sae_config(sae_dir)
+    if sae_cfg.get("variant") != variant:
+        raise ConfigError(f"--sae {sae_dir} holds a {sae_cfg.get('variant')} SAE, not {variant}")
     sae = load_sae(sae_dir)
     store = ActivationStore(activations / "eval")
+    check_provenance(cfg.model, store=store, sae=sae, sae_dir=sae_dir)
     contexts = _eval_tokens(tokens, store.n_tokens // store.ctx_len, store.ctx_len)
     stats = collect_features(
         sae, activations / "eval", n_top=fc.n_top, n_samples=fc.n_samples,

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from saelab.config import InputError
 from saelab.sae.activations import (
     ACTIVATIONS,
     BatchTopK,
@@ -22,7 +24,7 @@ from saelab.sae.activations import (
     TopK,
     make_activation,
 )
-from saelab.sae.model import CONFIG_FILE, SAEOutput, SparseAutoencoder
+from saelab.sae.model import CONFIG_FILE, WEIGHTS_FILE, SAEOutput, SparseAutoencoder
 from saelab.sae.switch import SwitchSAE
 
 SAE_VARIANTS = (*ACTIVATIONS, "switch")
@@ -50,17 +52,45 @@ def build_sae(
     return SparseAutoencoder(d_in, d_sae, make_activation(variant, k, **hparams), generator)
 
 
+def read_sae_config(directory: str | Path) -> dict[str, Any]:
+    """The ``cfg.json`` mapping of the SAE directory ``directory``.
+
+    Raises:
+        InputError: no ``cfg.json``, or it is not a JSON object (the message names the file).
+    """
+    cfg_path = Path(directory) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputError(f"SAE directory {directory} has no {CONFIG_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path}: must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
 def load_sae(directory: str | Path) -> SparseAutoencoder:
     """Read any variant's SAE written by :meth:`SparseAutoencoder.save` (CPU, eval mode).
 
     Raises:
-        FileNotFoundError, ValueError: as :meth:`SparseAutoencoder.load`.
+        InputError: a file is missing, unreadable (a truncated or corrupt ``sae.safetensors``,
+            ``cfg.json`` not JSON) or does not describe a valid SAE (what
+            :meth:`SparseAutoencoder.load` raises as FileNotFoundError or ValueError); the one-line
+            message names the file.
     """
-    cfg_path = Path(directory) / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"SAE directory {directory} has no {CONFIG_FILE}")
-    variant = json.loads(cfg_path.read_text()).get("variant")
-    return (SwitchSAE if variant == "switch" else SparseAutoencoder).load(directory)
+    variant = read_sae_config(directory).get("variant")
+    cls = SwitchSAE if variant == "switch" else SparseAutoencoder
+    try:
+        return cls.load(directory)
+    except SafetensorError as e:
+        raise InputError(f"{Path(directory) / WEIGHTS_FILE}: unreadable ({e})") from e
+    except (FileNotFoundError, KeyError, TypeError) as e:
+        raise InputError(f"SAE directory {directory}: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"SAE directory {directory}: {e}") from e
 
 
 __all__ = [
@@ -78,4 +108,5 @@ __all__ = [
     "build_sae",
     "load_sae",
     "make_activation",
+    "read_sae_config",
 ]
