@@ -31,9 +31,12 @@ def _one_thread(one_thread_module):
     """Tiny models run as fast on one thread, and far faster on a machine shared with others."""
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    cfg = ModelConfig(str(tiny_llama_dir), None, "float32", "blocks.2.hook_resid_pre", "cpu")
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def tiny(request):
+    """A tiny Llama (linear LM head: KL from the baseline's clean terms) and a tiny Gemma 2
+    (soft-capped logits: KL from the clean logits of the baseline's LM-head inputs)."""
+    path = request.getfixturevalue(f"tiny_{request.param}_dir")
+    cfg = ModelConfig(str(path), None, "float32", "blocks.2.hook_resid_pre", "cpu")
     return cfg, load_model(cfg, torch.device("cpu"))
 
 
@@ -61,7 +64,8 @@ def cached(tiny, contexts, tmp_path_factory):
     max_norm = norms.flatten().kthvalue(int(norms.numel() * 0.97)).values.item()  # ~3% sinks
     (root / "baseline").mkdir()
     spec = BaselineSpec(contexts, True, max_norm, batch_size=3)
-    compute_baseline(model, cfg, store, spec, root / "baseline")
+    attrs = compute_baseline(model, cfg, store, spec, root / "baseline")
+    assert attrs["kl"] == ("clean_head" if model.config.model_type == "gemma2" else "terms")
     return store, max_norm, load_baseline(root / "baseline")
 
 
@@ -97,8 +101,12 @@ def test_cached_evaluation_equals_the_straightforward_one(tiny, contexts, cached
     for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "delta_ce",
                 "kl_div"):  # fmt: skip
         assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
-    for key in ("ce_loss_recovered", "ce_loss_recovered_mean"):  # ratios of differences
-        assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
+    # ratios of differences of CEs, checked where well conditioned: on the soft-capped tiny
+    # Gemma 2 (logits within ±1) all CEs lie within ~1e-2 nats of each other, and float32
+    # rounding of the CEs moves the ratios by ~1e-3 relative
+    if model.config.model_type != "gemma2":
+        for key in ("ce_loss_recovered", "ce_loss_recovered_mean"):
+            assert ours[key] == pytest.approx(ref[key], rel=1e-4), key
     assert ours["kl_div"] > 1e-3
     assert ours["ce_spliced_ci_low"] <= ours["ce_spliced"] <= ours["ce_spliced_ci_high"]
 

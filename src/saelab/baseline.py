@@ -19,7 +19,11 @@ non-spared token replaced by the mean activation x̄. It writes:
   n_pred] float32`` in ``tokens.npz`` (Σ p log p − p·b_U): with them an SAE's evaluation gets
   KL(p_clean ‖ q) = kl_const − u·h + logsumexp(W_U h + b_U) from the spliced LM-head input h
   alone, with no clean logits (:func:`clean_kl_terms`; exact for a linear head, which the CE
-  check below guarantees on the checked batches);
+  check below guarantees on the checked batches). A model whose logits are soft-capped after
+  the head (Gemma 2, :func:`saelab.splice.final_logit_softcap`) is not linear in h: its
+  baseline stores ``final_hidden/`` instead, the clean LM-head inputs ``[n_ctx * ctx_len,
+  d_in] float32``, and each evaluation runs the head on them for the clean logits
+  (``baseline.json``'s ``kl``: ``terms`` or ``clean_head``);
 - ``baseline.json``: the attributes every evaluation checks against (hookpoint, ``max_norm``,
   contexts, model) and the two checks below.
 
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from saelab.config import ConfigError, InputError, ModelConfig, check_provenance, recorded_path
-from saelab.splice import CleanPass, SuffixRunner
+from saelab.splice import CleanPass, SuffixRunner, final_logit_softcap
 from saelab.store import ActivationStore, ActivationWriter, atomic_dir
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 CACHE_TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 CE_TOLERANCE = 1e-3  # nats/token between the full forward and the suffix from the cache
 EXPECTED_UNEMBED = "expected_unembed"  # the store of u = p_clean^T W_U (module docstring)
+FINAL_HIDDEN = "final_hidden"  # the clean LM-head inputs, for soft-capped heads
 
 
 def token_losses(logits: Tensor, input_ids: Tensor, start: int) -> tuple[Tensor, Tensor]:
@@ -212,12 +217,10 @@ def compute_baseline(
     ce = {key: np.empty((n, t - 1 - start), np.float32) for key in ("clean", "zero", "mean")}
     spared_all = np.empty((n, t), bool)
     kl_const = np.empty((n, t - 1 - start), np.float32)
-    head = linear_head(model)
+    terms = final_logit_softcap(model) is None  # else: the clean LM-head inputs (module doc)
+    head = linear_head(model) if terms else None
     begin = time.perf_counter()
-    writer = ActivationWriter(
-        out / EXPECTED_UNEMBED, n * (t - 1 - start), store.d_in, "float32", "none", 0,
-        64 * (t - 1 - start), {"ctx_len": t - 1 - start, "what": "p_clean^T W_U per prediction"},
-    )  # fmt: skip
+    writer = _kl_writer(out, terms, n, t, start, store.d_in)
     with writer:
         for i in tqdm(range(0, n, spec.batch_size), desc="baseline", unit="batch"):
             ids = torch.from_numpy(spec.contexts[i : i + spec.batch_size]).to(device)
@@ -226,7 +229,6 @@ def compute_baseline(
             clean = runner.prepare(ids)
             final = runner.final_hidden(ids.shape, x)
             ce_clean, logp_clean = token_losses(runner.head(ids.shape, final), ids, start)
-            u, c = clean_kl_terms(logp_clean, head)
             if clean is not None:
                 check_cache(clean, x, store, model_cfg.hookpoint)
                 checks.append(_check_ce(clean, ids, start, ce_clean))
@@ -237,21 +239,38 @@ def compute_baseline(
             ce["zero"][rows] = token_losses(runner.logits(ids.shape, zero), ids, start)[0].cpu()
             ce["mean"][rows] = token_losses(runner.logits(ids.shape, mean_x), ids, start)[0].cpu()
             spared_all[rows] = spared.cpu().numpy()
-            kl_const[rows] = c.cpu().numpy()
-            writer.write(u.reshape(-1, store.d_in))
+            if head is None:
+                writer.write(final.reshape(-1, store.d_in))
+            else:
+                u, c = clean_kl_terms(logp_clean, head)
+                kl_const[rows] = c.cpu().numpy()
+                writer.write(u.reshape(-1, store.d_in))
     np.savez(
         out / "tokens.npz", ce_clean=ce["clean"], ce_zero_ablated=ce["zero"],
-        ce_mean_ablated=ce["mean"], spared=spared_all, mean_act=mean.numpy(), kl_const=kl_const,
+        ce_mean_ablated=ce["mean"], spared=spared_all, mean_act=mean.numpy(),
+        **({"kl_const": kl_const} if terms else {}),
     )  # fmt: skip
     attrs = {
         "n_ctx": n, "ctx_len": t, "start": start, "max_norm": spec.max_norm,
         "hookpoint": model_cfg.hookpoint, "model": recorded_path(model_cfg.name_or_path),
         "gguf_file": model_cfg.gguf_file, "model_dtype": model_cfg.dtype, "d_in": store.d_in,
         "store_dtype": store.dtype, "checks": checks, "clean_forwards": runner.clean_forwards,
-        "seconds": time.perf_counter() - begin,
+        "seconds": time.perf_counter() - begin, "kl": "terms" if terms else "clean_head",
     }  # fmt: skip
     (out / "baseline.json").write_text(json.dumps(attrs, indent=1))
     return attrs
+
+
+def _kl_writer(out: Path, terms: bool, n: int, t: int, start: int, d_in: int) -> ActivationWriter:
+    """The writer of the baseline's KL store (module docstring): ``expected_unembed`` rows per
+    prediction, or (``terms`` false) ``final_hidden`` rows per token."""
+    if terms:
+        n_pred = t - 1 - start
+        attrs = {"ctx_len": n_pred, "what": "p_clean^T W_U per prediction"}
+        return ActivationWriter(out / EXPECTED_UNEMBED, n * n_pred, d_in, "float32", "none", 0,
+                                64 * n_pred, attrs)  # fmt: skip
+    attrs = {"ctx_len": t, "what": "clean LM head input (final norm output)"}
+    return ActivationWriter(out / FINAL_HIDDEN, n * t, d_in, "float32", "none", 0, 64 * t, attrs)
 
 
 def _check_ce(clean: CleanPass, ids: Tensor, start: int, ce_suffix: Tensor) -> dict[str, float]:
@@ -272,11 +291,12 @@ def _check_ce(clean: CleanPass, ids: Tensor, start: int, ce_suffix: Tensor) -> d
 @dataclass(frozen=True)
 class Baseline:
     """A baseline read back (module docstring): arrays of ``tokens.npz``, the attributes of
-    ``baseline.json`` and the ``expected_unembed`` store."""
+    ``baseline.json`` and the KL store: ``expected_unembed`` (``attrs["kl"] == "terms"``) or
+    ``final_hidden`` (``"clean_head"``)."""
 
     arrays: dict[str, np.ndarray]
     attrs: dict[str, Any]
-    expected_unembed: ActivationStore
+    kl_store: ActivationStore
 
 
 def load_baseline(path: str | Path) -> Baseline:
@@ -290,7 +310,8 @@ def load_baseline(path: str | Path) -> Baseline:
         attrs = json.loads((path / "baseline.json").read_text())
         with np.load(path / "tokens.npz") as npz:
             arrays = {key: npz[key] for key in npz.files}
-        unembed = ActivationStore(path / EXPECTED_UNEMBED)
+        kl = attrs.get("kl", "terms")
+        unembed = ActivationStore(path / (EXPECTED_UNEMBED if kl == "terms" else FINAL_HIDDEN))
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(
             f"baseline {path} is missing or corrupt ({e}): re-run the baseline stage"

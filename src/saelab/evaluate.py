@@ -463,18 +463,36 @@ def spliced_pass(
         spliced = x.clone()
         spliced[use] = out.recon
         sums.add_recon(i, x, spliced, use)
-        final = runner.final_hidden(ids.shape, spliced)
-        ce, lse = token_ce(runner.head(ids.shape, final), ids, start)
-        n_pred = ce.shape[1]
-        u = base.expected_unembed.read(i * n_pred, (i + len(ids)) * n_pred).view(*ce.shape, -1)
-        kl_const = torch.from_numpy(base.arrays["kl_const"][i : i + len(ids)])
-        kl = kl_from_terms(u.to(device), kl_const.to(device), final[:, start:-1], lse)
+        ce, kl = _spliced_ce_kl(base, runner, ids, spliced, i, start)
         sums.add_ce(i, ce_spliced=ce, kl_div=kl, ce_all_spliced=_all_spliced(
             sae, runner, ids, x, ~use, start, ce
         ), n_pred=torch.ones_like(ce))  # fmt: skip
     for key in ("ce_clean", "ce_zero_ablated", "ce_mean_ablated"):
         sums.sums[key] += base.arrays[key].astype(np.float64).sum(-1)
     return sums, recon_stats
+
+
+def _spliced_ce_kl(
+    base: Baseline, runner: SuffixRunner, ids: Tensor, spliced: Tensor, first: int, start: int
+) -> tuple[Tensor, Tensor]:
+    """(CE, KL(p_clean ‖ p_spliced)) per prediction [batch, n_pred] float32 of the contexts
+    ``first ..`` with the residual stream ``spliced`` at the hookpoint: KL from the baseline's
+    clean terms (:func:`saelab.baseline.clean_kl_terms`), or, for a soft-capped head, from the
+    clean logits of the baseline's LM-head inputs."""
+    device = spliced.device
+    final = runner.final_hidden(ids.shape, spliced)
+    logits = runner.head(ids.shape, final)
+    if base.attrs.get("kl", "terms") == "clean_head":
+        ce, logp = token_losses(logits, ids, start)
+        t = ids.shape[1]
+        clean = base.kl_store.read(first * t, (first + len(ids)) * t).view_as(final)
+        logp_clean = token_losses(runner.head(ids.shape, clean.to(device)), ids, start)[1]
+        return ce, (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+    ce, lse = token_ce(logits, ids, start)
+    n_pred = ce.shape[1]
+    u = base.kl_store.read(first * n_pred, (first + len(ids)) * n_pred).view(*ce.shape, -1)
+    kl_const = torch.from_numpy(base.arrays["kl_const"][first : first + len(ids)])
+    return ce, kl_from_terms(u.to(device), kl_const.to(device), final[:, start:-1], lse)
 
 
 def _all_spliced(
