@@ -13,7 +13,6 @@ request is pending."""
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,19 +23,10 @@ from pathlib import Path
 
 import pytest
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+from tests.test_plots_html import _browser  # headless Chromium, or skip (fail under CI)
+
 # (exp name, k, topk/fvu, topk/delta_ce): summarize's `<variant>/<metric>` on each parent
 RUNS = (("exp-a", 32, 0.316, 0.491), ("exp-b", 64, 0.298, 0.452))
-
-
-def _browser() -> str:
-    found = next((b for b in map(shutil.which, BROWSERS) if b), None)
-    if found is None:
-        reason = f"no headless browser ({', '.join(BROWSERS)}); apt-get install chromium"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
 
 
 def _log_two_exp_runs(uri: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
