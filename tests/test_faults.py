@@ -49,10 +49,10 @@ KILLS = [
     ("cache", "saelab.store:_commit", 2, "after", "data/activations.tmp-*"),
     # training at step 8 of 16, just after its checkpoint: the re-run resumes from it
     ("train", "saelab.train:save_checkpoint", 1, "after", f"checkpoints/{VARIANT}"),
-    # the first chunk of the clean LM-head inputs written under data/baseline.tmp-<pid>
+    # the first chunk of the KL terms (expected_unembed/) written under data/baseline.tmp-<pid>
     ("baseline", "saelab.store:ActivationWriter._flush", 1, "after", "data/baseline.tmp-*"),
-    # the spliced pass at its second batch (nothing is written before the end)
-    ("evaluate", "saelab.evaluate:token_losses", 3, "before", None),
+    # the spliced pass at its second batch (one CE per batch; nothing is written before the end)
+    ("evaluate", "saelab.evaluate:token_ce", 2, "before", None),
 ]
 VOLATILE = {
     "tokens_per_s",
