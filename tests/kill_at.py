@@ -16,8 +16,9 @@ import sys
 from saelab.cli import main
 
 
-def arm(target: str, nth: int, when: str) -> None:
-    """Replace ``target`` by a wrapper that SIGKILLs this process at its ``nth`` call."""
+def arm(target: str, nth: int, when: str, group: bool = False) -> None:
+    """Replace ``target`` by a wrapper that SIGKILLs this process (``group``: its whole process
+    group) at its ``nth`` call."""
     module_name, _, attr = target.partition(":")
     owner = importlib.import_module(module_name)
     *path, name = attr.split(".")
@@ -25,13 +26,18 @@ def arm(target: str, nth: int, when: str) -> None:
         owner = getattr(owner, part)
     real, calls = getattr(owner, name), [0]
 
+    def kill() -> None:
+        if group:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def wrapper(*args, **kwargs):
         calls[0] += 1
         if calls[0] == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill()
         out = real(*args, **kwargs)
         if calls[0] == nth and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill()
         return out
 
     setattr(owner, name, wrapper)

@@ -2,6 +2,9 @@
 again as ``dvc repro`` would, gives outputs identical to an uninterrupted run and leaves no
 temporary directory (``<out>.tmp-<pid>``, ``<out>.old-<pid>``) or checkpoint behind.
 
+The same points are also hit inside ``dvc repro``, killed with its stage (the whole process group,
+``tests/faults_site``), and the pipeline then re-run by ``dvc repro``.
+
 Each command runs in its own process (``tests/kill_at.py``: the stage's ``saelab`` command,
 killed with SIGKILL at the n-th call of a library function), on the tiny Llama and corpus, with
 one thread so that both runs compute the same floats. Outputs are compared file by file: bytes,
@@ -19,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from tests.test_pipeline import _copy_project, _dvc, _env, _run
 
 TESTS = Path(__file__).resolve().parent
 VARIANT = "topk"
@@ -141,5 +146,72 @@ def test_every_stage_killed_and_rerun_gives_the_uninterrupted_outputs(roots) -> 
         again = _command(killed, stage, None)
         assert again.returncode == 0, again.stderr[-3000:]
         assert _debris(killed) == [], stage
+        for out in outputs:
+            _assert_same(clean / out, killed / out)
+
+
+def _dvc_repro(repo: Path, kill: tuple | None) -> subprocess.CompletedProcess:
+    """``dvc repro evaluate@<VARIANT>`` in ``repo``, in a process group of its own; ``kill``: a
+    KILLS row, armed in that stage's command by tests/faults_site (the whole group SIGKILLed)."""
+    env = _env(repo)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "faults_site"), env["PYTHONPATH"]])
+    if kill is not None:
+        env["SAELAB_KILL_AT"] = "|".join([f"stages/{kill[0]}.py", kill[1], str(kill[2]), kill[3]])
+    dvc = str(Path(sys.executable).parent / "dvc")
+    return subprocess.run(
+        [dvc, "repro", f"evaluate@{VARIANT}"], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=900, start_new_session=True,
+    )  # fmt: skip
+
+
+def _dvc_project(root: Path, params: dict) -> Path:
+    repo = root / "repo"
+    repo.mkdir()
+    _copy_project(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(repo, "git", "init", "-q")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.analytics", "false")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "project")
+    return repo
+
+
+def _running_mlflow_runs(repo: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(ids, "attributes.status = 'RUNNING'")]
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_in_every_stage_then_rerun_gives_the_uninterrupted_outputs(
+    tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_params
+) -> None:
+    """``dvc repro`` SIGKILLed together with its stage (the whole process group) at each point of
+    KILLS in turn, prepare to evaluate, each run re-doing what the last one lost; then ``dvc
+    repro`` once more: exit 0, outputs equal to an uninterrupted ``dvc repro`` in another copy,
+    ``dvc status`` of the stages up to evaluate clean, no temporary directory or checkpoint
+    left, and no MLflow run left RUNNING (a killed stage's run ends KILLED, or is reopened and
+    finished)."""
+    params = make_tiny_params(tiny_llama_dir, tiny_corpus_module, None)
+    params["variants"] = [VARIANT]
+    clean = _dvc_project(tmp_path_factory.mktemp("dvc-clean"), params)
+    killed = _dvc_project(tmp_path_factory.mktemp("dvc-killed"), params)
+    done = _dvc_repro(clean, None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kill in KILLS:
+        result = _dvc_repro(killed, kill)
+        assert result.returncode == -signal.SIGKILL, (kill, result.stderr[-3000:])
+        if kill[4] is not None:
+            assert list(killed.glob(kill[4])), (kill, _debris(killed))
+    again = _dvc_repro(killed, None)
+    assert again.returncode == 0, again.stderr[-3000:]
+    target = f"evaluate@{VARIANT}"
+    assert json.loads(_dvc(killed, "status", target, "--with-deps", "--json")) == {}
+    assert [p for p in _debris(killed) if ".dvc" not in p.parts] == []
+    assert _running_mlflow_runs(killed) == []
+    for outputs, _ in STAGES.values():
         for out in outputs:
             _assert_same(clean / out, killed / out)
