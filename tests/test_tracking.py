@@ -1,12 +1,26 @@
 """tracking.py: where runs are logged (repo root, URI precedence), run lifecycle, metrics JSON."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from saelab.config import repo_root
-from saelab.tracking import flatten, mlflow_run, tracking_uri, write_json_atomic
+from saelab.tracking import (
+    HOST_TAG,
+    PID_TAG,
+    flatten,
+    mlflow_run,
+    tracking_uri,
+    write_json_atomic,
+    write_npz_atomic,
+)
 
 
 @pytest.fixture
@@ -303,3 +317,63 @@ def test_a_stage_closes_the_pipeline_parent(tmp_path: Path, no_tracking_env) -> 
     with mlflow_run("exp", uri, "topk", no_new_run, run_id):
         pass
     assert set(_statuses(uri).values()) == {"FINISHED"}
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("write", [write_json_atomic, write_npz_atomic])
+def test_atomic_file_writes_remove_what_killed_processes_left(tmp_path: Path, write) -> None:
+    """A writer killed between writing its temp file and the rename leaves ``<file>.tmp-<pid>``:
+    the next write of that file removes a dead process's one, keeps a live process's one and
+    files of other names, and leaves no temp file of its own."""
+    path = tmp_path / "metrics" / "topk.json"
+    path.parent.mkdir()
+    stale = path.with_name(f"topk.json.tmp-{_dead_pid()}")
+    kept = [path.with_name(f"topk.json.tmp-{os.getppid()}"), path.with_name("relu.json.tmp-1")]
+    for p in (stale, *kept):
+        p.write_text("{half")
+    write(path, {"fvu": np.ones(2)} if write is write_npz_atomic else {"fvu": 0.5})
+    assert sorted(path.parent.iterdir()) == sorted([path, *kept])
+
+
+KILLED_INSIDE_A_RUN = """
+import os, signal, sys
+from saelab.tracking import mlflow_run
+with mlflow_run("exp", sys.argv[1], "topk", {"variant": "topk"}) as tracker:
+    print(tracker.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_whose_process_was_killed_ends_killed_when_the_next_run_opens(tmp_path) -> None:
+    """A process SIGKILLed inside :func:`mlflow_run` leaves its run RUNNING; the next run opened
+    in the experiment ends it KILLED. A RUNNING run of a live process, one of another host and
+    one without owner tags stay RUNNING; the new run ends FINISHED."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = subprocess.run([sys.executable, "-c", KILLED_INSIDE_A_RUN, uri],
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    orphan = killed.stdout.split()[0]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(orphan).info.status == "RUNNING"
+    exp_id = client.get_experiment_by_name("exp").experiment_id
+    host = socket.gethostname()
+    others = [
+        client.create_run(exp_id, tags=tags).info.run_id
+        for tags in (
+            {HOST_TAG: host, PID_TAG: str(os.getppid())},
+            {HOST_TAG: f"{host}-elsewhere", PID_TAG: str(_dead_pid())},
+            {},
+        )
+    ]
+    with mlflow_run("exp", uri, "topk", {"variant": "topk"}) as tracker:
+        new = tracker.run_id
+    status = {rid: client.get_run(rid).info.status for rid in (orphan, new, *others)}
+    assert status == {orphan: "KILLED", new: "FINISHED", **dict.fromkeys(others, "RUNNING")}

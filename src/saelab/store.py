@@ -52,7 +52,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +72,7 @@ def remove_stale_siblings(path: Path) -> list[Path]:
         return removed
     for sibling in path.parent.glob(f"{glob.escape(path.name)}.*-*"):
         kind, _, pid = sibling.name[len(path.name) + 1 :].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
             _remove(sibling)
             removed.append(sibling)
             logger.info("removed %s, left by a process that was killed", sibling)

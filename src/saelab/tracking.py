@@ -21,7 +21,9 @@ the pipeline parent; an ad-hoc ``saelab train`` / ``evaluate`` is a standalone r
 ``saelab.role=standalone``) and creates no parent (:func:`variant_run_tags`). The parent's
 status follows its stages: RUNNING while one of its nested runs is open, then that run's end
 status (:func:`mlflow_run`), and FINISHED once ``summarize`` has logged to it, so no run stays
-RUNNING after the process that opened it has exited.
+RUNNING after the process that opened it has exited. A process killed outright (SIGKILL, the OOM
+killer) cannot end its run: the next run opened in that experiment on the same host ends it
+KILLED (:func:`close_orphaned_runs`, by the ``saelab.host`` / ``saelab.pid`` tags).
 
 Every experiment is tagged ``mlflow.experimentKind = custom_model_development``
 (:data:`EXPERIMENT_KIND`), the tag by which MLflow 3's UI tells a model-training experiment
@@ -35,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_TAG = "mlflow.parentRunId"
+HOST_TAG, PID_TAG = "saelab.host", "saelab.pid"  # the process holding a run open
 
 
 class Tracker(Protocol):
@@ -230,6 +234,37 @@ def pipeline_run_id(experiment: str, uri: str, params_digest: str) -> str:
     return oldest
 
 
+def _owner_tags() -> dict[str, str]:
+    """Tags naming the process that holds a run open: ``saelab.host`` and ``saelab.pid``."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def close_orphaned_runs(client: Any, exp_id: str) -> list[str]:
+    """End as KILLED every RUNNING run of experiment ``exp_id`` whose process (tags
+    ``saelab.host``, ``saelab.pid``, :func:`_owner_tags`) ran on this host and no longer runs:
+    a stage killed by SIGKILL or the OOM killer never reaches :func:`mlflow_run`'s end, and its
+    run would otherwise stay RUNNING forever. Its parent run, if RUNNING, ends KILLED too (a
+    re-run of the stage sets the parent RUNNING again). Runs of other hosts, or without the
+    tags, are left alone. Returns the ids ended."""
+    from saelab.store import pid_alive
+
+    host = socket.gethostname()
+    running = client.search_runs(
+        [exp_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    ended = []
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        for rid in (run.info.run_id, run.data.tags.get(PARENT_TAG)):
+            if rid is not None and client.get_run(rid).info.status == "RUNNING":
+                client.set_terminated(rid, status="KILLED")
+                ended.append(rid)
+        log.info("MLflow run %s ended KILLED: its process %s no longer runs", run.info.run_id, pid)
+    return ended
+
+
 @contextmanager
 def mlflow_run(
     experiment: str,
@@ -256,10 +291,13 @@ def mlflow_run(
             log.info("MLflow run %s is not in %s; starting a new run", run_id, uri)
     if run is None:
         exp_id = experiment_id(client, experiment, uri)
-        new_tags = tags() if callable(tags) else tags
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(new_tags))
+        close_orphaned_runs(client, exp_id)
+        new_tags = {**(tags() if callable(tags) else tags), **_owner_tags()}
+        run = client.create_run(exp_id, run_name=run_name, tags=new_tags)
     else:
         _tag_kind(client, client.get_experiment(run.info.experiment_id))
+        close_orphaned_runs(client, run.info.experiment_id)
+        MlflowTracker(client, run.info.run_id).set_tags(_owner_tags())
         client.update_run(run.info.run_id, status="RUNNING")
     parent = run.data.tags.get(PARENT_TAG)
     runs = [run.info.run_id] if parent is None else [run.info.run_id, parent]
@@ -290,24 +328,39 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any] | list) -> None:
     """Write ``data`` (a mapping, or a list of rows for DVC plots) as indented JSON via a temp
-    file + rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def write_npz_atomic(path: str | Path, arrays: Mapping[str, Any]) -> None:
-    """Write numpy arrays (name -> array) to an uncompressed ``.npz`` via a temp file + rename:
-    never a half-written file."""
-    import numpy as np
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    file ``<path>.tmp-<pid>`` + rename: never a half-written file. A temp file left by a killed
+    process is removed first (:func:`saelab.store.remove_stale_siblings`)."""
+    path = _begin_file(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        np.savez(tmp, **arrays)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_npz_atomic(path: str | Path, arrays: Mapping[str, Any]) -> None:
+    """Write numpy arrays (name -> array) to an uncompressed ``.npz`` via a temp file
+    ``<path>.tmp-<pid>`` + rename: never a half-written file; stale temp files are removed first,
+    as by :func:`write_json_atomic`."""
+    import numpy as np
+
+    path = _begin_file(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:  # a file object: np.savez appends no ".npz" to the name
+            np.savez(f, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _begin_file(path: str | Path) -> Path:
+    """``path`` as a Path, its directory created and the ``.tmp-<pid>`` files that killed
+    processes left beside it removed."""
+    from saelab.store import remove_stale_siblings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    return path
