@@ -302,6 +302,43 @@ def test_cli_export_names_the_hub_id_from_params_and_writes_sparsify(
     assert files == ["cfg.json", "sae.safetensors", "saelab.json"]
 
 
+def test_cli_export_refuses_params_or_model_name_of_another_model(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An explicit --params whose hookpoint is not the SAE's, and a --model-name that is not the
+    hub id the SAE recorded, each end the export with one line naming both sides (exit 2) and
+    write nothing. The default ./params.yaml is not checked: it lends its hub id to an SAE of its
+    model (any hookpoint)."""
+    from saelab.config import recorded_path
+
+    monkeypatch.setattr("saelab.cli._setup_logging", lambda: None)
+    monkeypatch.setattr("saelab.cli.signal.signal", lambda *args: None)
+    cfg = load_params(REPO / "params.yaml")
+    meta = {**METADATA, "model": recorded_path(cfg.model.name_or_path),
+            "gguf_file": cfg.model.gguf_file, "hookpoint": "blocks.3.hook_resid_pre"}  # fmt: skip
+    _trained_like("topk").save(tmp_path / "local", meta)
+    _trained_like("topk").save(tmp_path / "hub", {**METADATA, "model": "org/model"})
+    cases = [
+        (["--sae", str(tmp_path / "local"), "--params", str(REPO / "params.yaml")],
+         f"params model.hookpoint is {cfg.model.hookpoint!r} but "
+         f"{tmp_path / 'local' / 'cfg.json'}'s hookpoint is 'blocks.3.hook_resid_pre'"),
+        (["--sae", str(tmp_path / "hub"), "--model-name", "org/other"],
+         f"--model-name is 'org/other' but {tmp_path / 'hub' / 'cfg.json'}'s model is "
+         "'org/model'"),
+    ]  # fmt: skip
+    for args, line in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", *args, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f"saelab: error: {line}"
+        assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(REPO)  # the default ./params.yaml: its model's hub id, no hookpoint check
+    main(["export", "--sae", str(tmp_path / "local"), "--out", str(tmp_path / "out")])
+    exported = json.loads((tmp_path / "out" / "cfg.json").read_text())["metadata"]
+    assert exported["model_name"] == cfg.export.hub_id
+    assert exported["hook_name"] == "blocks.3.hook_resid_pre"
+
+
 def test_load_saelens_reads_an_export_from_before_the_move(tmp_path: Path) -> None:
     """An export written before saelab's block moved into ``metadata`` (top-level ``saelab``)
     still reads back with its metadata."""

@@ -464,7 +464,8 @@ def _per_variant(directory: str, variants: tuple[str, ...]) -> list[dict]:
 )  # fmt: skip
 @click.option(
     "--params", "params_path", default=None, type=click.Path(exists=True, dir_okay=False),
-    help="params.yaml whose export.hub_id names the model (default: ./params.yaml if present)",
+    help="params.yaml whose export.hub_id names the model; given, its model and hookpoint must "
+    "be the SAE's (default: ./params.yaml if present, used only if its model is the SAE's)",
 )  # fmt: skip
 @click.option(
     "--model-name", default=None,
@@ -478,12 +479,13 @@ def export_cmd(
     from saelab.export import ExportError, export_dir
     from saelab.store import atomic_dir
 
+    explicit = params_path is not None  # an explicit --params must describe the SAE
     if params_path is None and Path("params.yaml").is_file():
         params_path = "params.yaml"
     cfg = load_params(params_path) if params_path is not None else None
     try:
         with atomic_dir(out) as tmp:
-            export_dir(sae_dir, tmp, cfg, model_name, fmt)
+            export_dir(sae_dir, tmp, cfg, model_name, fmt, check_params=explicit)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
 

@@ -63,8 +63,10 @@ from torch import Tensor
 from saelab.config import (
     HOOKPOINT_RE,
     HUB_ID_RE,
+    InputError,
     PipelineConfig,
     _looks_local,
+    check_provenance,
     recorded_path,
     repo_root,
 )
@@ -311,19 +313,43 @@ def export_dir(
     cfg: PipelineConfig | None = None,
     model_name: str | None = None,
     fmt: str = "saelens",
+    check_params: bool = False,
 ) -> None:
     """``saelab export``: read the SAE saved in ``sae_dir`` and export it to ``out`` in ``fmt``
     (:data:`FORMATS`), its model named by :func:`model_ref` (``cfg``: the params).
 
+    ``check_params``: ``cfg`` was named by the user, so its model, GGUF file and hookpoint must
+    be the SAE's (:func:`saelab.config.check_provenance`); otherwise ``cfg`` only lends its
+    ``export.hub_id`` when its model is the SAE's. ``model_name`` must match a hub id the SAE
+    recorded as its model.
+
     Raises:
+        InputError: ``check_params`` and ``cfg`` describes another model or hookpoint; or
+            ``model_name`` differs from the SAE's recorded hub id (one line naming both sides).
         ExportError: as :func:`export_saelens` / :func:`export_sparsify`.
     """
     sae = load_sae(sae_dir)
+    if check_params and cfg is not None:
+        check_provenance(cfg.model, sae=sae, sae_dir=sae_dir)
+    _check_model_name(sae.metadata, model_name, sae_dir)
     model = model_ref(sae.metadata, cfg, model_name)
     if fmt == "sparsify":
         export_sparsify(sae, out, model)
     else:
         export_saelens(sae, out, model)
+
+
+def _check_model_name(meta: dict[str, Any], model_name: str | None, sae_dir: str | Path) -> None:
+    """InputError if ``model_name`` (``--model-name``) is not the hub id the SAE recorded as its
+    model (when it recorded one; a local model's SAE can be given any hub id)."""
+    recorded = meta.get("model")
+    if model_name is None or recorded is None or _looks_local(recorded):
+        return
+    if model_name != recorded:
+        raise InputError(
+            f"--model-name is {model_name!r} but {Path(sae_dir) / 'cfg.json'}'s model is "
+            f"{recorded!r}"
+        )
 
 
 def load_saelens(directory: str | Path) -> SparseAutoencoder:
