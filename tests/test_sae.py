@@ -166,7 +166,8 @@ def test_make_activation_names_and_errors():
     """The factory builds each variant with its k and rejects unknown names, listing the allowed."""
     assert isinstance(make_activation("topk", 3), TopK)
     assert make_activation("batchtopk", 5).k == 5
-    with pytest.raises(ValueError, match="allowed: batchtopk, jumprelu, relu, sampled, topk"):
+    allowed = "allowed: batchtopk, jumprelu, matryoshka, relu, sampled, topk"
+    with pytest.raises(ValueError, match=allowed):
         make_activation("gated", 3)
 
 

@@ -19,12 +19,12 @@ import click
 
 from saelab.allocator import keep_freed_memory
 from saelab.config import (
-    VARIANTS,
     ConfigError,
     PipelineConfig,
     check_provenance,
     load_params,
     recorded_path,
+    variant_names,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ PARAMS = click.option(
     "--params", "params_path", default="params.yaml", show_default=True,
     type=click.Path(dir_okay=False), help="params.yaml to read every hyperparameter from.",
 )  # fmt: skip
-VARIANT = click.option("--variant", required=True, type=click.Choice(VARIANTS))
+VARIANT = click.option("--variant", required=True, type=click.Choice(variant_names()))
 # input directories of the stage commands (each must exist)
 TOKENS = click.option("--tokens", required=True, type=click.Path(exists=True, file_okay=False))
 ACTIVATIONS = click.option(

@@ -16,21 +16,16 @@ Absolute paths, ``~`` paths and hub ids (``org/name``) are left as written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-VARIANTS = ("topk", "batchtopk", "relu", "jumprelu", "sampled", "switch")
-# Sampled-SAE choices; the same tuples as saelab.sae.activations (kept torch-free here, a test
-# checks they agree).
-SAMPLED_SCORES = ("l2", "squared_l2", "entropy")
-RELU_INIT_B_ENC = ("zero", "quantile")
-SAMPLED_POOLS = ("top", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
 CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -265,149 +260,83 @@ class TrainConfig:
         return self.n_tokens // self.batch_size
 
 
-@dataclass(frozen=True)
-class NoParams:
-    """topk, batchtopk: no hyperparameter besides k (``{}`` in params.yaml)."""
+class HParams:
+    """Base of the generated config dataclass of one variant's hyperparameters (one field per
+    :class:`~saelab.sae.registry.HParam` of its spec; all required, so that ``dvc.yaml`` can list
+    ``variant_params.<variant>`` for every train stage)."""
+
+    variant: ClassVar[str] = ""
 
     def validate(self) -> None:
-        """Nothing to check."""
+        """Each value within its :class:`~saelab.sae.registry.HParam`'s allowed range."""
+        from saelab.sae import registry
+
+        for h in registry.get(self.variant).hparams:
+            key = f"variant_params.{self.variant}.{h.name}"
+            _require(h.ok(getattr(self, h.name)), key, h.allowed_text())
 
 
-@dataclass(frozen=True)
-class ReLUParams:
-    """relu: ReLU + decoder-norm-weighted L1, the April 2024 recipe (Conerly et al. 2024):
-    unconstrained decoder norms, L1 weighted by them, λ warm-up.
-
-    l1_coef: weight of ``mean_t sum_i f_ti ||W_dec,i||`` next to the FVU loss. It sets L0 (k is
-        not used by this variant); FVU is normalised by the batch variance, so the equivalent of
-        the update's λ on the summed squared error of inputs with E||x||^2 = d_in is about
-        λ / d_in.
-    init_b_enc: ``zero`` (the update) or ``quantile`` (L0 starts at k; see
-        :class:`~saelab.sae.activations.ReLU`).
-    sparsity_warmup: fraction of the steps over which l1_coef ramps up from 0 (the update: 0.05).
-    decoder_init_norm: norm of each decoder row at init (the update: 0.05 to 1; SAELens: 0.1).
-    """
-
-    l1_coef: float
-    init_b_enc: str
-    sparsity_warmup: float
-    decoder_init_norm: float
-
-    def validate(self) -> None:
-        _require(self.l1_coef >= 0, "variant_params.relu.l1_coef", "a number >= 0")
-        _require(
-            0 <= self.sparsity_warmup <= 1,
-            "variant_params.relu.sparsity_warmup",
-            "a number in [0, 1]",
-        )
-        _require(
-            self.decoder_init_norm > 0, "variant_params.relu.decoder_init_norm", "a number > 0"
-        )
-        _require(
-            self.init_b_enc in RELU_INIT_B_ENC,
-            "variant_params.relu.init_b_enc",
-            f"one of {', '.join(RELU_INIT_B_ENC)}",
-        )
-
-
-@dataclass(frozen=True)
-class JumpReLUParams:
-    """jumprelu: JumpReLU trained to L0 = k (Rajamanoharan et al. 2024; loss: activations.py).
-
-    bandwidth: width ε of the rectangle kernel of the straight-through estimator, in the
-        paper's units: pre-activations of inputs with E||x||^2 = 1 (the paper: 0.001). The
-        trainer's inputs have E||x||^2 = d_in, so the kernel it applies is sqrt(d_in) wider.
-    l0_coef: λ of the target-L0 loss ``λ (L0 / k - 1)^2``.
-    init_threshold: initial θ of every latent (paper units, as bandwidth), or null: the first
-        batch's BatchTopK threshold, so that L0 starts at k.
-    threshold_lr_scale: θ's learning rate is this times the SAE's (θ is parametrised as log θ).
-    sparsity_warmup: fraction of the steps over which l0_coef ramps up from 0.
-    """
-
-    bandwidth: float
-    l0_coef: float
-    init_threshold: float | None
-    threshold_lr_scale: float
-    sparsity_warmup: float
-
-    def validate(self) -> None:
-        key = "variant_params.jumprelu"
-        _require(self.bandwidth > 0, f"{key}.bandwidth", "a number > 0")
-        _require(self.l0_coef >= 0, f"{key}.l0_coef", "a number >= 0")
-        _require(
-            self.init_threshold is None or self.init_threshold > 0,
-            f"{key}.init_threshold",
-            "null (from the first batch) or a number > 0",
-        )
-        _require(self.threshold_lr_scale > 0, f"{key}.threshold_lr_scale", "a number > 0")
-        _require(0 <= self.sparsity_warmup <= 1, f"{key}.sparsity_warmup", "a number in [0, 1]")
-
-
-@dataclass(frozen=True)
-class SampledParams:
-    """sampled: Sampled-SAE (Oozeer et al. 2025), BatchTopK within a pool of ``k * l`` features.
-
-    l: pool size factor (1: only k candidate features per batch; large: plain BatchTopK).
-    score: feature score over the batch, one of :data:`SAMPLED_SCORES`.
-    pool: ``top`` (the k * l best scores) or ``sample`` (successive sampling: k * l draws
-        without replacement, each proportional to the score among the features left; inclusion
-        is not proportional to the score).
-    seed: seed of the pool draw's generator.
-    """
-
-    l: int  # noqa: E741 - the paper's name
-    score: str
-    pool: str
-    seed: int
-
-    def validate(self) -> None:
-        key = "variant_params.sampled"
-        _require(self.l >= 1, f"{key}.l", "an integer >= 1")
-        _require(
-            self.score in SAMPLED_SCORES, f"{key}.score", f"one of {', '.join(SAMPLED_SCORES)}"
-        )
-        _require(self.pool in SAMPLED_POOLS, f"{key}.pool", f"one of {', '.join(SAMPLED_POOLS)}")
-
-
-@dataclass(frozen=True)
-class SwitchParams:
-    """switch: Switch SAE (Mudide et al. 2024), ``n_experts`` TopK experts of ``d_sae /
-    n_experts`` latents each (width-matched to the dense variants).
-
-    n_experts: number of experts E; must divide ``sae.d_sae``, with ``k <= d_sae / E``.
-    balance_coef: α of the load-balancing loss ``α E Σ_e f_e P_e``, added to the FVU loss. The
-        paper's α = 3 multiplies ``d_in E Σ f P`` added to a summed squared error; relative to
-        an FVU that is ``α d_in / V`` (V: total variance per token), ~0.03 (docs/fidelity.md).
-    """
-
-    n_experts: int
-    balance_coef: float
-
-    def validate(self) -> None:
-        key = "variant_params.switch"
-        _require(self.n_experts >= 1, f"{key}.n_experts", "an integer >= 1")
-        _require(self.balance_coef >= 0, f"{key}.balance_coef", "a number >= 0")
-
-
-@dataclass(frozen=True)
 class VariantParams:
-    """Per-variant hyperparameters, one section per name of :data:`VARIANTS` (all required, so
-    that ``dvc.yaml`` can list ``variant_params.<variant>`` for every train stage)."""
-
-    topk: NoParams
-    batchtopk: NoParams
-    relu: ReLUParams
-    jumprelu: JumpReLUParams
-    sampled: SampledParams
-    switch: SwitchParams
+    """Per-variant hyperparameters, one section per registered variant
+    (:mod:`saelab.sae.registry`); the dataclass is generated from the registry
+    (:func:`variant_params_class`), and this is its base."""
 
     def validate(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # type: ignore[arg-type]
             getattr(self, f.name).validate()
 
     def of(self, variant: str) -> dict[str, Any]:
         """The variant's hyperparameters: ``build_sae``'s ``hparams``."""
         return dataclasses.asdict(getattr(self, variant))
+
+
+@functools.cache
+def variant_params_class() -> type:
+    """The frozen dataclass of ``params.yaml``'s ``variant_params``: a field per registered
+    variant, of a generated :class:`HParams` dataclass named by its spec's ``params_class``
+    (``NoParams`` when it has none) with a typed field per hyperparameter."""
+    from saelab.sae import registry
+
+    sections = []
+    for name, spec in registry.variants().items():
+        hparams = [(h.name, h.annotation) for h in spec.hparams]
+        cls = dataclasses.make_dataclass(
+            spec.params_class, hparams, bases=(HParams,), frozen=True,
+            namespace={"variant": name, "__doc__": f"{name}: {spec.rule}", "__module__": __name__},
+        )  # fmt: skip
+        sections.append((name, cls))
+    return dataclasses.make_dataclass(
+        "VariantParams",
+        sections,
+        bases=(VariantParams,),
+        frozen=True,
+        namespace={"__module__": __name__},
+    )
+
+
+def variant_names() -> tuple[str, ...]:
+    """The registered SAE variants (:func:`saelab.sae.registry.names`)."""
+    from saelab.sae import registry
+
+    return registry.names()
+
+
+def __getattr__(name: str) -> Any:
+    """Names derived from the variant registry, for callers of the constants they replace:
+    ``VARIANTS`` and the Sampled / ReLU choices (the registry's specs hold them)."""
+    from saelab.sae import registry
+
+    choices = {
+        "SAMPLED_SCORES": ("sampled", "score"),
+        "SAMPLED_POOLS": ("sampled", "pool"),
+        "RELU_INIT_B_ENC": ("relu", "init_b_enc"),
+    }
+    if name == "VARIANTS":
+        return registry.names()
+    if name in choices:
+        variant, key = choices[name]
+        return next(h.choices for h in registry.get(variant).hparams if h.name == key)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -583,7 +512,7 @@ class PipelineConfig:
     """The whole of params.yaml.
 
     k: target mean L0 (active latents per token) of every variant (relu: set by its l1_coef).
-    variants: SAE variants to train and evaluate, from :data:`VARIANTS`.
+    variants: SAE variants to train and evaluate, registered ones (:mod:`saelab.sae.registry`).
     variant_params: each variant's own hyperparameters.
     """
 
@@ -603,9 +532,10 @@ class PipelineConfig:
     distributed: DistributedConfig
 
     def validate(self) -> None:
-        _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(VARIANTS)}")
+        names = variant_names()
+        _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(names)}")
         for v in self.variants:
-            _require(v in VARIANTS, "variants", f"names from {', '.join(VARIANTS)}; got {v!r}")
+            _require(v in names, "variants", f"names from {', '.join(names)}; got {v!r}")
         _require(len(set(self.variants)) == len(self.variants), "variants", "distinct names")
         _require(
             0 < self.k <= self.sae.d_sae,
@@ -629,23 +559,20 @@ class PipelineConfig:
         )
         self.tracking.validate()
         self.export.validate()
-        if "switch" in self.variants:
-            self._validate_switch()
+        self._validate_variant_constraints()
 
-    def _validate_switch(self) -> None:
-        """Switch's experts split ``sae.d_sae`` evenly and each holds at least k latents."""
-        n_experts = self.variant_params.switch.n_experts
-        _require(
-            self.sae.d_sae % n_experts == 0,
-            "variant_params.switch.n_experts",
-            f"a divisor of sae.d_sae={self.sae.d_sae}",
-        )
-        _require(
-            self.k <= self.sae.d_sae // n_experts,
-            "k",
-            f"at most sae.d_sae / variant_params.switch.n_experts = {self.sae.d_sae // n_experts}"
-            " (the width of one Switch expert)",
-        )
+    def _validate_variant_constraints(self) -> None:
+        """The cross-parameter constraints of the trained variants' specs (e.g. Switch's
+        experts split ``sae.d_sae`` evenly and each holds at least k latents)."""
+        from saelab.sae import registry
+
+        for v in self.variants:
+            spec = registry.get(v)
+            if spec.constraints is None:
+                continue
+            hparams = self.variant_params.of(v)
+            for key, allowed in spec.constraints(hparams, self.k, self.sae.d_sae):
+                _require(False, key, allowed)
 
 
 def _require(ok: bool, key: str, allowed: str) -> None:
@@ -655,6 +582,8 @@ def _require(ok: bool, key: str, allowed: str) -> None:
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a dataclass field type and convert lists to tuples."""
+    if hint is VariantParams:
+        hint = variant_params_class()
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"params: {key} must be a mapping of {hint.__name__} keys")

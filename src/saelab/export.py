@@ -80,6 +80,7 @@ from saelab.sae import (
     make_activation,
 )
 from saelab.sae.activations import BatchTopK
+from saelab.sae.registry import saelens_architectures
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,8 @@ SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SPARSIFY_METADATA = "saelab.json"
 FORMATS = ("saelens", "sparsify")
-ARCHITECTURES = {
-    "topk": "topk",
-    "batchtopk": "jumprelu",
-    "sampled": "jumprelu",
-    "jumprelu": "jumprelu",
-    "relu": "standard",
-}
+# {variant: SAELens architecture} of the exportable variants, from their registry entries
+ARCHITECTURES = saelens_architectures()
 SINK_RULE = (
     "when splicing the reconstruction into the model, keep the original activation at the "
     "positions seqpos_slice excludes (position 0 for [1, null]) and at every token whose "
@@ -229,7 +225,7 @@ def saelens_config(sae: SparseAutoencoder, model: ModelRef | None = None) -> dic
         "reshape_activations": "none",
         "metadata": saelens_metadata(sae, model),
     }
-    if sae.variant == "topk":
+    if cfg["architecture"] == "topk":
         cfg.update(k=sae.activation.k, rescale_acts_by_decoder_norm=False)
     return cfg
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from saelab.config import VARIANTS, ConfigError
+from saelab.config import ConfigError, variant_names
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def _mapping(raw: Any, key: str) -> dict[str, Any]:
 
 
 def _variants(raw: Any, key: str) -> tuple[str, ...]:
-    if not isinstance(raw, list) or not raw or any(v not in VARIANTS for v in raw):
-        raise _fail(key, f"a non-empty list of {', '.join(VARIANTS)}")
+    if not isinstance(raw, list) or not raw or any(v not in variant_names() for v in raw):
+        raise _fail(key, f"a non-empty list of {', '.join(variant_names())}")
     return tuple(raw)
 
 
@@ -191,12 +191,12 @@ def parse_study(raw: Any, path: Path) -> Study:
     if "*" not in seed_params:
         raise _fail("seed_params", 'a mapping with a "*" entry (e.g. [train.seed])')
     for v, keys in seed_params.items():
-        if (v != "*" and v not in VARIANTS) or not isinstance(keys, list):
+        if (v != "*" and v not in variant_names()) or not isinstance(keys, list):
             raise _fail(f"seed_params.{v}", 'a list of params keys, under "*" or a variant name')
     variant_base = _mapping(raw.get("variant_base"), "variant_base")
     for v, b in variant_base.items():
-        if v not in VARIANTS:
-            raise _fail(f"variant_base.{v}", f"under a variant name ({', '.join(VARIANTS)})")
+        if v not in variant_names():
+            raise _fail(f"variant_base.{v}", f"under a variant name ({', '.join(variant_names())})")
         _mapping(b, f"variant_base.{v}")
     if not isinstance(raw["groups"], list) or not raw["groups"]:
         raise _fail("groups", "a non-empty list")

@@ -4,10 +4,11 @@ the same plots as PNG images for MLflow.
 Inputs are the evaluate stage's outputs: ``metrics/<variant>.json`` (flat metrics, defined in
 :mod:`saelab.evaluate`) and ``plots/hist/<variant>.json`` (histograms). Outputs:
 
-- ``metrics/summary.json``: ``{variant: {key: value}}`` with :data:`SUMMARY_KEYS` (a mapping so
-  that ``dvc metrics show/diff`` lists e.g. ``topk.fvu``), and under ``paired`` the difference
-  of ΔCE, KL, FVU and NMSE between every two variants with its paired bootstrap interval over
-  the shared eval contexts (:func:`paired_differences`, from ``data/per_context/<variant>.npz``);
+- ``summary.json`` (dvc.yaml's summarize): ``{variant: {key: value}}`` with
+  :data:`SUMMARY_KEYS` (a mapping so that ``dvc metrics show/diff`` lists e.g. ``topk.fvu``),
+  and under ``paired`` the difference of ΔCE, KL, FVU and NMSE between every two variants with
+  its paired bootstrap interval over the shared eval contexts (:func:`paired_differences`,
+  from ``data/per_context/<variant>.npz``);
 - ``plots/pareto.json``: one row per variant (the keys every variant has), for the Pareto
   plots L0 vs FVU and L0 vs ΔCE (``dvc plots`` adds the revision, so ``dvc plots diff`` across
   ``dvc exp`` runs shows one point per variant and revision);

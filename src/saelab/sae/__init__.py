@@ -1,7 +1,8 @@
 """Sparse autoencoder model and its sparsity strategies.
 
-:func:`build_sae` and :func:`load_sae` are the entry points for every variant: the five
-activation-based ones share :class:`SparseAutoencoder`; ``switch`` is :class:`SwitchSAE`.
+:func:`build_sae` and :func:`load_sae` are the entry points for every variant, each declared
+once in :mod:`saelab.sae.registry` by the module that defines it: the activation-based ones share
+:class:`SparseAutoencoder`; ``switch`` is :class:`SwitchSAE`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from saelab.config import InputError
+from saelab.sae import registry
 from saelab.sae.activations import (
     ACTIVATIONS,
     BatchTopK,
@@ -27,7 +29,12 @@ from saelab.sae.activations import (
 from saelab.sae.model import CONFIG_FILE, WEIGHTS_FILE, SAEOutput, SparseAutoencoder
 from saelab.sae.switch import SwitchSAE
 
-SAE_VARIANTS = (*ACTIVATIONS, "switch")
+
+def __getattr__(name: str) -> Any:
+    """``SAE_VARIANTS``: the registered variants' names (:func:`saelab.sae.registry.names`)."""
+    if name == "SAE_VARIANTS":
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_sae(
@@ -38,18 +45,14 @@ def build_sae(
     hparams: dict[str, Any],
     generator: torch.Generator | None = None,
 ) -> SparseAutoencoder:
-    """A freshly initialised SAE of ``variant`` (one of :data:`SAE_VARIANTS`) with target L0 ``k``
-    and the variant's hyperparameters ``hparams`` (``params.yaml``'s ``variant_params.<variant>``).
+    """A freshly initialised SAE of ``variant`` (a registered variant,
+    :mod:`saelab.sae.registry`) with target L0 ``k`` and the variant's hyperparameters
+    ``hparams`` (``params.yaml``'s ``variant_params.<variant>``).
 
     Raises:
         ValueError: unknown variant, or hyperparameters unknown, missing or out of range.
     """
-    if variant == "switch":
-        try:
-            return SwitchSAE(d_in, d_sae, k, **hparams, generator=generator)
-        except TypeError as e:  # an unknown or missing keyword
-            raise ValueError(f"switch: bad hyperparameters {sorted(hparams)} ({e})") from e
-    return SparseAutoencoder(d_in, d_sae, make_activation(variant, k, **hparams), generator)
+    return registry.get(variant).build(d_in, d_sae, k, hparams, generator)
 
 
 def read_sae_config(directory: str | Path) -> dict[str, Any]:
@@ -80,7 +83,8 @@ def load_sae(directory: str | Path) -> SparseAutoencoder:
             message names the file.
     """
     variant = read_sae_config(directory).get("variant")
-    cls = SwitchSAE if variant == "switch" else SparseAutoencoder
+    specs = registry.variants()
+    cls = specs[variant].sae_class if variant in specs else SparseAutoencoder
     try:
         return cls.load(directory)
     except SafetensorError as e:

@@ -2,7 +2,8 @@
 
 Every SAE variant shares one :class:`~saelab.sae.model.SparseAutoencoder`; they differ only in the
 module that turns pre-activations into sparse codes. A new variant (JumpReLU, ReLU+L1, Sampled-SAE)
-is a new :class:`SparsityActivation` subclass registered in :data:`ACTIVATIONS`.
+is a new :class:`SparsityActivation` subclass with a :class:`~saelab.sae.registry.VariantSpec`
+(see :mod:`saelab.sae.registry`).
 
 Shapes: ``batch`` tokens, ``d_sae`` latents. Inputs and outputs are float32 (any float dtype works;
 the output has the input's dtype).
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from saelab import distributed
+from saelab.sae import registry
+from saelab.sae.registry import HParam, VariantSpec, register
 
 # Rows of the batch used to find a lower bound for BatchTopK's batch threshold (see
 # :func:`_batch_topk_indices_bounded`); a speed knob only, the selection is exact whatever it is.
@@ -798,25 +801,103 @@ class Sampled(BatchTopK):
         return f"{super().extra_repr()}, l={self.l}, score={self.score}, pool={self.pool}"
 
 
+_UNIT = HParam(
+    "sparsity_warmup",
+    float,
+    "fraction of the steps over which the sparsity loss's weight ramps up from 0",
+    low=0,
+    high=1,
+)
+for _spec in (
+    VariantSpec(
+        "topk",
+        activation=TopK,
+        saelens="topk",
+        source="Gao et al. 2024",
+        rule="the k largest pre-activations per token",
+    ),
+    VariantSpec(
+        "batchtopk",
+        activation=BatchTopK,
+        saelens="jumprelu",
+        source="Bussmann et al. 2024",
+        rule="the `k·batch` largest of the whole batch; at inference a JumpReLU with one global "
+        "θ (mean of each batch's smallest kept activation over the last 20% of steps)",
+    ),
+    VariantSpec(
+        "relu",
+        activation=ReLU,
+        saelens="standard",
+        source="Conerly et al. 2024",
+        params_class="ReLUParams",
+        hparams=(
+            HParam("l1_coef", float, "weight of the decoder-norm-weighted L1", low=0),
+            HParam("init_b_enc", str, "b_enc init", choices=ReLU.INIT_B_ENC),
+            _UNIT,
+            HParam("decoder_init_norm", float, "decoder rows' norm at init", low=0, low_open=True),
+        ),
+        rule="ReLU + L1 weighted by decoder row norm, decoder norms unconstrained, λ warm-up "
+        "(the April-2024 recipe); L0 set by `l1_coef`",
+    ),
+    VariantSpec(
+        "jumprelu",
+        activation=JumpReLU,
+        saelens="jumprelu",
+        source="Rajamanoharan et al. 2024",
+        params_class="JumpReLUParams",
+        hparams=(
+            HParam("bandwidth", float, "STE kernel width ε (paper units)", low=0, low_open=True),
+            HParam("l0_coef", float, "λ of λ (L0/k - 1)^2", low=0),
+            HParam(
+                "init_threshold",
+                float,
+                "θ at init (paper units)",
+                low=0,
+                low_open=True,
+                null="from the first batch",
+            ),
+            HParam("threshold_lr_scale", float, "θ's lr / the SAE's", low=0, low_open=True),
+            _UNIT,
+        ),
+        rule="per-latent θ in fp32, rectangle-kernel straight-through estimator, trained to "
+        "L0 = k by `l0_coef·(L0/k − 1)²`",
+    ),
+    VariantSpec(
+        "sampled",
+        activation=Sampled,
+        saelens="jumprelu",
+        source="Oozeer et al. 2025",
+        params_class="SampledParams",
+        hparams=(
+            HParam("l", int, "pool of k * l features per batch", low=1),
+            HParam("score", str, "feature score over the batch", choices=SCORES),
+            HParam("pool", str, "how the pool is drawn", choices=POOLS),
+            HParam("seed", int, "the pool draw's generator"),
+        ),
+        rule="BatchTopK inside a pool of `k·l` features scored per batch (L2 / squared L2 / "
+        "entropy), drawn by successive sampling (each draw ∝ score among the rest) or "
+        "best-first",
+    ),
+):
+    register(_spec)
+
+# the five activation-based variants of this module, by name
 ACTIVATIONS: dict[str, type[SparsityActivation]] = {
     cls.variant: cls for cls in (TopK, BatchTopK, ReLU, JumpReLU, Sampled)
 }
 
 
 def make_activation(variant: str, k: int, **hparams: Any) -> SparsityActivation:
-    """Build the sparsity strategy named ``variant`` with target L0 ``k`` and its
-    hyperparameters (the keywords of its class, e.g. ``l1_coef`` for ``relu``; see
-    :meth:`SparsityActivation.hparams`).
+    """Build the sparsity strategy named ``variant`` (a registered variant with an activation
+    module, :mod:`saelab.sae.registry`) with target L0 ``k`` and its hyperparameters (the
+    keywords of its class, e.g. ``l1_coef`` for ``relu``; see :meth:`SparsityActivation.hparams`).
 
     Raises:
         ValueError: unknown variant (the message lists the allowed ones), or a hyperparameter
             that is unknown, missing or out of range.
     """
-    if variant not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown SAE variant {variant!r}; allowed: {', '.join(sorted(ACTIVATIONS))}"
-        )
-    try:
-        return ACTIVATIONS[variant](k, **hparams)
-    except TypeError as e:  # an unknown or missing keyword
-        raise ValueError(f"{variant}: bad hyperparameters {sorted(hparams)} ({e})") from e
+    specs = registry.variants()
+    if variant not in specs or specs[variant].activation is None:
+        allowed = sorted(n for n, s in specs.items() if s.activation is not None)
+        raise ValueError(f"unknown SAE variant {variant!r}; allowed: {', '.join(allowed)}")
+    return specs[variant].make_activation(k, hparams)

@@ -39,6 +39,7 @@ TopK expert could otherwise only get through ``b_dec``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from saelab import distributed
 from saelab.sae.activations import TopK, row_topk
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
+from saelab.sae.registry import HParam, VariantSpec, Violation, register
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 
 
@@ -247,3 +249,30 @@ class SwitchSAE(SparseAutoencoder):
     @classmethod
     def _from_cfg(cls, cfg: dict[str, Any]) -> SwitchSAE:
         return cls(cfg["d_in"], cfg["d_sae"], cfg["k"], **cfg.get("hparams", {}))
+
+
+def _expert_constraints(hparams: Mapping[str, Any], k: int, d_sae: int) -> list[Violation]:
+    """The experts split ``sae.d_sae`` evenly and each holds at least k latents."""
+    n_experts = hparams["n_experts"]
+    if d_sae % n_experts:
+        return [("variant_params.switch.n_experts", f"a divisor of sae.d_sae={d_sae}")]
+    if k > d_sae // n_experts:
+        return [(
+            "k",
+            f"at most sae.d_sae / variant_params.switch.n_experts = {d_sae // n_experts}"
+            " (the width of one Switch expert)",
+        )]  # fmt: skip
+    return []
+
+
+register(VariantSpec(
+    "switch", model=SwitchSAE, params_class="SwitchParams", constraints=_expert_constraints,
+    hparams=(
+        HParam("n_experts", int, "experts of d_sae / n_experts latents each", low=1),
+        HParam("balance_coef", float, "α of the load-balancing loss", low=0),
+    ),
+    source="Mudide et al. 2024",
+    rule="a router picks one of `n_experts` TopK experts of `d_sae/n_experts` latents per "
+    "token; latents scaled by the router probability; load balancing `α·E·Σ f_e P_e`; no "
+    "SAELens architecture routes tokens",
+))  # fmt: skip
