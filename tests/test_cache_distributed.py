@@ -169,7 +169,7 @@ def test_parts_cover_every_row_once_with_the_one_process_batches(world, n_ctx, b
         )  # every batch holds a row of the part
 
 
-def _run(root: Path, params: str, kill: tuple[int, str, int, str] | None, n: int):
+def _run(root: Path, params: str, kill: tuple | None, n: int, out: str = "acts"):
     """``saelab cache`` in ``n`` processes under torchrun (``n == 1``: one plain process),
     through tests/kill_at.py: ``kill = (rank, function, nth, before/after)`` SIGKILLs that rank
     at that point."""
@@ -183,18 +183,20 @@ def _run(root: Path, params: str, kill: tuple[int, str, int, str] | None, n: int
     if n > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     command = [*launcher, str(TESTS / "kill_at.py"), *target, "--", "cache", "--params", params,
-               "--tokens", "tokens", "--out", "acts"]  # fmt: skip
+               "--tokens", "tokens", "--out", out]  # fmt: skip
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
 
 
-@pytest.mark.slow  # four torchrun launches of `saelab cache`, 2 processes each: ~1-2 min
+@pytest.mark.slow  # six launches of `saelab cache`, five of 2 processes: ~2-4 min
 def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stores: Path):
     """`saelab cache` with distributed.cache_nproc_per_node = 2 (relaunching itself under
-    torchrun) writes the 1-process stores. Rank 1 SIGKILLed before its second chunk, or rank 0
-    SIGKILLed with both splits written, before moving them into place: the command fails and
-    ``acts`` does not exist (nothing a re-run, or DVC, could take for the output); the re-run
-    writes the 1-process stores and leaves no temporary directory behind."""
+    torchrun) writes the stores of the 1-process command. Rank 1 SIGKILLed before its second
+    chunk, or rank 0 SIGKILLed with both splits written, before moving them into place: the
+    command fails and ``acts`` does not exist (nothing a re-run, or DVC, could take for the
+    output); the re-run writes the 1-process stores and leaves no temporary directory behind."""
+    reference = _run(stores, "uneven.yaml", None, 1, out="ref")
+    assert reference.returncode == 0, reference.stderr[-3000:]
     params = yaml.safe_load((stores / "uneven.yaml").read_text())
     params["distributed"]["cache_nproc_per_node"] = 2
     (stores / "two.yaml").write_text(yaml.safe_dump(params))
@@ -203,7 +205,7 @@ def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stor
              "tokens", "--out", "acts"]  # fmt: skip
     done = subprocess.run(plain, cwd=stores, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_stores(stores / "uneven-1", stores / "acts")
+    assert_same_stores(stores / "ref", stores / "acts")
     kills = [(1, "saelab.store:StorePartWriter._flush", 2, "before"),
              (0, "saelab.store:_commit", 1, "before")]  # fmt: skip
     for kill in kills:
@@ -217,4 +219,4 @@ def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stor
         again = _run(stores, "uneven.yaml", None, WORLD)
         assert again.returncode == 0, again.stderr[-3000:]
         assert _debris(stores) == [], kill
-        assert_same_stores(stores / "uneven-1", stores / "acts")
+        assert_same_stores(stores / "ref", stores / "acts")
