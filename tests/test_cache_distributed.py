@@ -35,7 +35,15 @@ from saelab.cache import batch_starts, cache_activations
 from saelab.capture import load_model
 from saelab.config import parse_params
 from saelab.data import write_tokens
-from saelab.store import ActivationStore, chunk_part
+from saelab.store import (
+    ActivationStore,
+    ActivationWriter,
+    StorePartWriter,
+    chunk_part,
+    create_shared_store,
+    finish_shared_store,
+    store_attrs,
+)
 
 TESTS = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -188,7 +196,7 @@ def _run(root: Path, params: str, kill: tuple | None, n: int, out: str = "acts")
                           timeout=600)  # fmt: skip
 
 
-@pytest.mark.slow  # six launches of `saelab cache`, five of 2 processes: ~2-4 min
+@pytest.mark.slow  # six launches of `saelab cache`, five of 2 processes: 12 min under load
 def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stores: Path):
     """`saelab cache` with distributed.cache_nproc_per_node = 2 (relaunching itself under
     torchrun) writes the stores of the 1-process command. Rank 1 SIGKILLed before its second
@@ -220,3 +228,30 @@ def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stor
         assert again.returncode == 0, again.stderr[-3000:]
         assert _debris(stores) == [], kill
         assert_same_stores(stores / "ref", stores / "acts")
+
+
+def test_part_writers_write_the_bytes_of_one_writer(tmp_path: Path) -> None:
+    """Three StorePartWriters on the chunk_part runs of a shared store (bf16, blosc, a partial
+    last chunk), fed in odd-sized writes, then finish_shared_store: the chunk files and
+    zarr.json of one ActivationWriter. A run that is not whole chunks is refused."""
+    n, d_in, chunk = 700, 3, 128
+    acts = torch.randn(n, d_in, generator=torch.Generator().manual_seed(0))
+    args = (n, d_in, "bfloat16", "blosc_zstd", 3, chunk)
+    with ActivationWriter(tmp_path / "one", *args, {"ctx_len": 10}) as writer:
+        writer.write(acts)
+    (tmp_path / "two").mkdir()
+    create_shared_store(tmp_path / "two" / "s", *args)
+    for part in range(3):
+        lo, hi = chunk_part(n, chunk, part, 3)
+        with StorePartWriter(tmp_path / "two" / "s", "bfloat16", lo, hi) as w:
+            for start in range(lo, hi, 77):
+                w.write(acts[start : min(start + 77, hi)])
+    finish_shared_store(tmp_path / "two" / "s", store_attrs({"ctx_len": 10}, "bfloat16", n, d_in))
+    one, two = tmp_path / "one", tmp_path / "two" / "s"
+    assert _files(one) == _files(two) and len(_files(one)) == 7  # zarr.json + 6 chunks
+    for rel in _files(one):
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="not whole chunks"):
+        StorePartWriter(two, "bfloat16", 100, 256)
+    with pytest.raises(ValueError, match="rows written"), StorePartWriter(two, "bfloat16", 0, 128):
+        pass

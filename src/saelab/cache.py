@@ -17,12 +17,19 @@ store per split together, and it is the store of one process, chunk file for chu
   once every rank is done (:func:`~saelab.store.shared_atomic_dir`).
 
 A rank with no chunk (more ranks than chunks) only waits at the barriers.
+
+Several hookpoints from one truncated forward (issue 14, part 3, library side; no stage uses it
+yet): :func:`cache_split_hookpoints` writes one store per hookpoint, each the store
+:func:`cache_split` writes for that hookpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from saelab import distributed
-from saelab.capture import capture_resid
+from saelab.capture import capture_resid, capture_resids, check_hookpoint, decoder_layers
 from saelab.config import PipelineConfig, recorded_path
 from saelab.data import read_tokens
 from saelab.store import (
@@ -129,6 +136,66 @@ def cache_split(
         seconds = time.perf_counter() - start
         writer.attrs["tokens_per_s"] = n_ctx * ctx_len / seconds
     log.info("cached %d tokens of %s in %.0f s", n_ctx * ctx_len, source, seconds)
+
+
+def cache_split_hookpoints(
+    model: nn.Module,
+    cfg: PipelineConfig,
+    hookpoints: Sequence[str],
+    contexts: np.ndarray,
+    outs: Sequence[Path],
+    source: str,
+    store_dtype: str | None = None,
+) -> None:
+    """:func:`cache_split` for several hookpoints from one truncated forward per batch, up to
+    the deepest of them (:func:`~saelab.capture.capture_resids`; issue 14, part 3): ``outs[j]``
+    is the store :func:`cache_split` writes with ``model.hookpoint = hookpoints[j]``, byte for
+    byte but for ``tokens_per_s`` (here the tokens per second of the shared pass). One process
+    only.
+
+    Raises:
+        ValueError: ``hookpoints`` and ``outs`` differ in length, a hookpoint is repeated, or
+            data parallelism is active.
+        ConfigError: a hookpoint is not ``blocks.<L>.hook_resid_pre|post`` of this model.
+        InputError: non-finite activations at a hookpoint; no store is written.
+    """
+    if len(hookpoints) != len(outs):
+        raise ValueError(f"{len(hookpoints)} hookpoints but {len(outs)} output stores")
+    if distributed.world_size() > 1:
+        raise ValueError("cache_split_hookpoints runs in one process (cache_split shards one)")
+    models = [dataclasses.replace(cfg.model, hookpoint=h) for h in hookpoints]
+    for m in models:
+        m.validate()  # ConfigError naming model.hookpoint
+        check_hookpoint(m, len(decoder_layers(model)))
+    n_ctx, ctx_len = contexts.shape
+    d_in = model.config.get_text_config().hidden_size
+    device = next(model.parameters()).device
+    batch = cfg.cache.batch_size
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        writers = []
+        for m, out in zip(models, outs, strict=True):
+            attrs = _attrs(dataclasses.replace(cfg, model=m), ctx_len, source)
+            c = cfg.cache
+            writer = ActivationWriter(out, n_ctx * ctx_len, d_in, store_dtype or c.store_dtype,
+                                      c.codec, c.codec_level, c.chunk_tokens, attrs)  # fmt: skip
+            writers.append(stack.enter_context(writer))
+        for i in tqdm(range(0, n_ctx, batch), desc=f"cache {len(models)} hookpoints"):
+            ids = torch.from_numpy(contexts[i : i + batch].astype(np.int64)).to(device)
+            for m, writer, resid in zip(models, writers, capture_resids(model, models, ids),
+                                        strict=True):  # fmt: skip
+                resid = resid.reshape(-1, d_in)  # [batch * ctx_len, d_in]
+                check_finite(
+                    resid, f"cache: the model's {m.hookpoint} activations for store "
+                    f"{writer.path}", i * ctx_len,
+                    f"check model.dtype (now {cfg.model.dtype}) and the model",
+                )  # fmt: skip
+                writer.write(resid)
+        seconds = time.perf_counter() - start
+        for writer in writers:
+            writer.attrs["tokens_per_s"] = n_ctx * ctx_len / seconds
+    log.info("cached %d tokens of %s at %d hookpoints in %.0f s", n_ctx * ctx_len, source,
+             len(models), seconds)  # fmt: skip
 
 
 def batch_starts(lo: int, hi: int, ctx_len: int, batch: int) -> range:
