@@ -11,6 +11,12 @@ The tiny Llama of conftest, ctx_len 32, chunk_tokens 1024 (32 contexts), batch_s
 straddle chunks and ranks. Train: 130 contexts, 5 chunks (4 whole, 64 rows): ranks of 2 and 3
 chunks. Eval: 48 contexts, 2 chunks (1024 + 512 rows). A second run of 1 chunk per split leaves
 rank 1 idle (more ranks than chunks: allowed, it only waits).
+
+Checked by breaking the code on purpose: rank 0 recording its own part's row count as
+``n_tokens`` (a rank-local attribute) fails both byte tests at ``zarr.json``; batches starting at
+a part's first context instead of on the one-process grid fail 4 cases of the parts test, while
+the stores stayed byte-equal on this CPU (a row's floats here do not depend on its batch), so
+that rule is held by the parts test, not by the bytes.
 """
 
 from __future__ import annotations
@@ -196,7 +202,7 @@ def _run(root: Path, params: str, kill: tuple | None, n: int, out: str = "acts")
                           timeout=600)  # fmt: skip
 
 
-@pytest.mark.slow  # six launches of `saelab cache`, five of 2 processes: 12 min under load
+@pytest.mark.slow  # six launches of `saelab cache`, five of 2 processes: 12-17 min under load
 def test_cache_command_killed_rank_leaves_nothing_and_rerun_gives_the_store(stores: Path):
     """`saelab cache` with distributed.cache_nproc_per_node = 2 (relaunching itself under
     torchrun) writes the stores of the 1-process command. Rank 1 SIGKILLed before its second
