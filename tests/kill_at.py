@@ -5,7 +5,8 @@ its stage are killed by the OOM killer or ``kill -9``.
 
 Usage: ``python tests/kill_at.py <module>:<function or Class.method> <n> before|after -- <saelab
 arguments>``: the n-th call of that function kills the process just before (or after) it runs.
-``-`` as the target runs the command uninterrupted (the reference run).
+``-`` as the target runs the command uninterrupted (the reference run). Under torchrun (a
+distributed command), ``KILL_RANK=<r>`` in the environment arms only rank r's process.
 """
 
 import importlib
@@ -46,6 +47,7 @@ def arm(target: str, nth: int, when: str, group: bool = False) -> None:
 if __name__ == "__main__":
     split = sys.argv.index("--")
     target, nth, when = (sys.argv[1:split] + ["0", "before"])[:3]
-    if target != "-":
+    this_rank = os.environ.get("RANK", "0")
+    if target != "-" and os.environ.get("KILL_RANK", this_rank) == this_rank:
         arm(target, int(nth), when)
     main(sys.argv[split + 1 :])

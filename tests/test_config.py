@@ -73,6 +73,7 @@ def test_default_params_load_and_are_frozen() -> None:
         ("structure.min_probe_f1", 1.0, "structure.min_probe_f1 must be a number in [0, 1)"),
         ("distributed.nproc_per_node", 0, "distributed.nproc_per_node must be an integer >= 1"),
         ("distributed.nproc_per_node", 8192, "train.batch_size must be an integer >= distrib"),
+        ("distributed.cache_nproc_per_node", 0, "distributed.cache_nproc_per_node must be an i"),
         ("distributed.launcher", " ", "distributed.launcher must be a command, e.g. 'torchrun"),
     ],
 )

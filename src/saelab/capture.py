@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -184,6 +184,50 @@ def capture_resid(model: nn.Module, cfg: ModelConfig, input_ids: torch.Tensor) -
     if not captured:
         raise RuntimeError(f"hookpoint {cfg.hookpoint} was not reached in the forward pass")
     return captured[0]
+
+
+@torch.inference_mode()
+def capture_resids(
+    model: nn.Module, cfgs: Sequence[ModelConfig], input_ids: torch.Tensor
+) -> list[torch.Tensor]:
+    """Residual streams at several hookpoints of one model from one forward pass that runs only
+    the layers up to the deepest of them (issue 14, part 3: several hookpoints per LM pass).
+
+    cfgs: one :class:`ModelConfig` per hookpoint (same model; any order; distinct hookpoints).
+    input_ids: [batch, seq] int64. Returns one [batch, seq, d_in] tensor in the model's dtype per
+    cfg, in the order of ``cfgs``; each equals :func:`capture_resid` of its cfg (the same layers
+    run on the same inputs). All but the deepest are copied when captured, so that no later layer
+    can change them in place.
+
+    Raises:
+        ValueError: ``cfgs`` is empty or names a hookpoint twice.
+        RuntimeError: a hookpoint was not reached.
+    """
+    names = [c.hookpoint for c in cfgs]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"capture_resids: distinct hookpoints needed, got {names}")
+    order = [(c.layer, c.site == "resid_post") for c in cfgs]  # forward order of the hooks
+    deepest = order.index(max(order))
+    captured: dict[int, torch.Tensor] = {}
+
+    def grab(i: int) -> Callable[[torch.Tensor], None]:
+        def fn(resid: torch.Tensor) -> None:
+            captured[i] = resid.detach() if i == deepest else resid.detach().clone()
+            if i == deepest:
+                raise _StopForward
+
+        return fn
+
+    with ExitStack() as hooks:
+        for i, c in enumerate(cfgs):
+            hooks.enter_context(hook_resid(model, c, grab(i)))
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    if missing := [names[i] for i in range(len(cfgs)) if i not in captured]:
+        raise RuntimeError(f"hookpoints {missing} were not reached in the forward pass")
+    return [captured[i] for i in range(len(cfgs))]
 
 
 def splice_fn(

@@ -128,24 +128,32 @@ def prepare(params_path: str, out: str) -> None:
 @TOKENS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="activation dir")
 def cache(params_path: str, tokens: str, out: str) -> None:
-    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``."""
-    from saelab.cache import cache_split
+    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``.
+
+    With ``distributed.cache_nproc_per_node`` > 1 it starts itself that many times under
+    ``distributed.launcher`` (torchrun); started by torchrun (``WORLD_SIZE`` > 1), the ranks
+    write disjoint chunks of the same stores, which rank 0 moves into place once all are done:
+    the stores of one process (:mod:`saelab.cache`)."""
+    import torch
+
+    from saelab import distributed
+    from saelab.cache import cache_activations
     from saelab.capture import load_model, resolve_device
-    from saelab.data import read_tokens
-    from saelab.store import atomic_dir
 
     cfg = load_params(params_path)
-    model = load_model(cfg.model, resolve_device(cfg.model.device))
-    splits = {
-        "train": (cfg.cache.max_train_tokens, cfg.cache.store_dtype),
-        "eval": (cfg.cache.max_eval_tokens, cfg.cache.eval_store_dtype),
-    }
-    with atomic_dir(out) as tmp:
-        for split, (max_tokens, dtype) in splits.items():
-            contexts = read_tokens(tokens, split)
-            if max_tokens is not None:
-                contexts = contexts[: max_tokens // contexts.shape[1]]
-            cache_split(model, cfg, contexts, tmp / split, f"{tokens}:{split}", dtype)
+    if cfg.distributed.cache_nproc_per_node > 1 and not distributed.launched_by_torchrun():
+        n, launcher = cfg.distributed.cache_nproc_per_node, cfg.distributed.launcher
+        args = ["--params", params_path, "--tokens", tokens, "--out", out]
+        sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "cache", *args]))
+    device = resolve_device(cfg.model.device)
+    device = distributed.init_from_env(device.type) or device
+    model = load_model(cfg.model, device)
+    try:
+        with distributed.data_parallel():
+            cache_activations(model, cfg, tokens, out)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @cli.command()

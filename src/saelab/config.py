@@ -483,23 +483,31 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Data-parallel training of the train stage (:mod:`saelab.distributed`).
+    """Several processes for the train and cache stages (:mod:`saelab.distributed`).
 
     nproc_per_node: processes of ``saelab train`` on this machine, each on a disjoint slice of
         every batch (one per GPU on CUDA, NCCL; gloo processes on CPU). 1: one process, no
         ``torch.distributed``.
-    launcher: the command that starts them when ``nproc_per_node`` > 1, split like a shell
-        line, followed by ``--nproc-per-node N`` and the train command; a leading ``torchrun``
-        runs this interpreter's ``-m torch.distributed.run``. Not used when the command is
-        already running under torchrun (several nodes: start torchrun with a rendezvous on
-        each node, README).
+    cache_nproc_per_node: processes of ``saelab cache`` on this machine, each writing a
+        disjoint run of whole chunks of every store (:mod:`saelab.cache`; the stores are those
+        of one process). 1: one process. A key of its own, so that changing how training is
+        spread does not re-run the cache stage and everything after it.
+    launcher: the command that starts them when a count is > 1, split like a shell line,
+        followed by ``--nproc-per-node N`` and the command; a leading ``torchrun`` runs this
+        interpreter's ``-m torch.distributed.run``. Not used when the command is already
+        running under torchrun (several nodes: start torchrun with a rendezvous on each node,
+        README).
     """
 
     nproc_per_node: int
+    cache_nproc_per_node: int
     launcher: str
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, "distributed.nproc_per_node", "an integer >= 1")
+        _require(
+            self.cache_nproc_per_node >= 1, "distributed.cache_nproc_per_node", "an integer >= 1"
+        )
         _require(
             bool(self.launcher.split()),
             "distributed.launcher",

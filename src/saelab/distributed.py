@@ -203,6 +203,17 @@ def all_reduce_grads(params: Iterable[Tensor]) -> None:
         offset += g.numel()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable object) on every rank; ``obj`` itself at world size 1.
+    With NCCL the pickle travels through the current CUDA device (:func:`init_from_env` sets
+    it)."""
+    if not _ACTIVE:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op at world size 1)."""
     if _ACTIVE:

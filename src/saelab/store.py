@@ -23,6 +23,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from saelab import distributed
 from saelab.config import InputError
 from saelab.distributed import part_bounds
 
@@ -205,7 +206,79 @@ def decode_block(block: np.ndarray, dtype: str) -> torch.Tensor:
 # --------------------------------------------------------------------------- writing
 
 
-class ActivationWriter:
+class _ChunkedWriter:
+    """Rows ``[start, stop)`` of a zarr array, appended in order and written whole chunks at a
+    time: rows are buffered so that every zarr write is exactly one chunk (the last may be
+    partial when ``stop`` is the array's end). ``start`` is a chunk boundary."""
+
+    path: Path
+    d_in: int
+    dtype: str
+    _rows_name = "n_tokens"  # what the row count is called in error messages
+
+    def _open_rows(self, array: zarr.Array, start: int, stop: int) -> None:
+        self._array = array
+        self._start, self._n_rows = start, stop - start
+        self.chunk_tokens = min(int(array.chunks[0]), self._n_rows)
+        np_dtype = STORE_DTYPES[self.dtype][0]
+        self._buffer = np.empty((max(self.chunk_tokens, 1), self.d_in), dtype=np_dtype)
+        self._n_buffered = 0
+        self.n_written = 0  # rows flushed to zarr
+        self._open = True
+
+    @property
+    def n_received(self) -> int:
+        """Rows passed to :meth:`write` so far."""
+        return self.n_written + self._n_buffered
+
+    def write(self, acts: torch.Tensor) -> None:
+        """Append ``acts: [n, d_in]`` (any float dtype, any device) after the rows so far.
+
+        Raises:
+            ValueError: wrong shape, or more rows in total than this writer writes.
+            RuntimeError: the writer is closed.
+        """
+        if not self._open:
+            raise RuntimeError(f"{type(self).__name__}({self.path}) is closed")
+        if acts.ndim != 2 or acts.shape[1] != self.d_in:
+            raise ValueError(f"expected [n, {self.d_in}] activations, got {list(acts.shape)}")
+        if self.n_received + acts.shape[0] > self._n_rows:
+            raise ValueError(
+                f"{self.n_received} + {acts.shape[0]} rows exceed {self._rows_name}={self._n_rows}"
+            )
+        block = encode_block(acts, self.dtype)
+        while len(block):
+            take = min(len(block), self.chunk_tokens - self._n_buffered)
+            self._buffer[self._n_buffered : self._n_buffered + take] = block[:take]
+            self._n_buffered += take
+            block = block[take:]
+            if self._n_buffered == self.chunk_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered rows (one whole chunk, or the final partial one)."""
+        start, stop = self.n_written, self.n_written + self._n_buffered
+        self._array[self._start + start : self._start + stop] = self._buffer[: self._n_buffered]
+        self.n_written, self._n_buffered = stop, 0
+
+    def _finish(self, on_short: str) -> None:
+        """Flush; :meth:`abort` and ValueError (ending with ``on_short``) when fewer rows were
+        written than this writer writes."""
+        if self.n_received != self._n_rows:
+            self.abort()
+            raise ValueError(
+                f"{type(self).__name__}({self.path}): {self.n_received} rows written, "
+                f"expected {self._rows_name}={self._n_rows}{on_short}"
+            )
+        if self._n_buffered:
+            self._flush()
+
+    def abort(self) -> None:
+        """Stop accepting rows."""
+        self._open = False
+
+
+class ActivationWriter(_ChunkedWriter):
     """Append activations to a new zarr store, whole chunks at a time, atomically.
 
     Rows are buffered so that every zarr write is exactly one whole chunk (the last may be
@@ -240,61 +313,13 @@ class ActivationWriter:
     ) -> None:
         _check_dtype(store_dtype)
         _check_writer_args(n_tokens, d_in, chunk_tokens, attrs)
-        np_dtype = STORE_DTYPES[store_dtype][0]
         self.path = Path(path)
         self.n_tokens, self.d_in, self.dtype = n_tokens, d_in, store_dtype
-        self.attrs = {**attrs, "dtype": store_dtype, "n_tokens": n_tokens, "d_in": d_in}
-        self.chunk_tokens = min(chunk_tokens, n_tokens)
-        compressors = make_compressors(codec, codec_level, np_dtype)  # may raise: before _begin
-        self._tmp = _begin(self.path)
-        self._array = zarr.create_array(
-            store=str(self._tmp),
-            shape=(n_tokens, d_in),
-            chunks=(self.chunk_tokens, d_in),
-            dtype=np_dtype,
-            compressors=compressors,
-            zarr_format=3,
-            config={"write_empty_chunks": True},  # every chunk on disk (ActivationStore checks)
-        )
-        self._buffer = np.empty((self.chunk_tokens, d_in), dtype=np_dtype)
-        self._n_buffered = 0
-        self.n_written = 0  # rows flushed to zarr
-        self._open = True
-
-    @property
-    def n_received(self) -> int:
-        """Rows passed to :meth:`write` so far."""
-        return self.n_written + self._n_buffered
-
-    def write(self, acts: torch.Tensor) -> None:
-        """Append ``acts: [n, d_in]`` (any float dtype, any device) after the rows so far.
-
-        Raises:
-            ValueError: wrong shape, or more than ``n_tokens`` rows in total.
-            RuntimeError: the writer is closed.
-        """
-        if not self._open:
-            raise RuntimeError(f"ActivationWriter({self.path}) is closed")
-        if acts.ndim != 2 or acts.shape[1] != self.d_in:
-            raise ValueError(f"expected [n, {self.d_in}] activations, got {list(acts.shape)}")
-        if self.n_received + acts.shape[0] > self.n_tokens:
-            raise ValueError(
-                f"{self.n_received} + {acts.shape[0]} rows exceed n_tokens={self.n_tokens}"
-            )
-        block = encode_block(acts, self.dtype)
-        while len(block):
-            take = min(len(block), self.chunk_tokens - self._n_buffered)
-            self._buffer[self._n_buffered : self._n_buffered + take] = block[:take]
-            self._n_buffered += take
-            block = block[take:]
-            if self._n_buffered == self.chunk_tokens:
-                self._flush()
-
-    def _flush(self) -> None:
-        """Write the buffered rows (one whole chunk, or the final partial one)."""
-        start, stop = self.n_written, self.n_written + self._n_buffered
-        self._array[start:stop] = self._buffer[: self._n_buffered]
-        self.n_written, self._n_buffered = stop, 0
+        self.attrs = store_attrs(attrs, store_dtype, n_tokens, d_in)
+        compressors = make_compressors(codec, codec_level, STORE_DTYPES[store_dtype][0])
+        self._tmp = _begin(self.path)  # after every check that may raise
+        array = _create_array(self._tmp, n_tokens, d_in, store_dtype, compressors, chunk_tokens)
+        self._open_rows(array, 0, n_tokens)
 
     def close(self, attrs: Mapping[str, Any] | None = None) -> None:
         """Flush, check the row count, set the attributes and move the store to ``path``.
@@ -307,14 +332,7 @@ class ActivationWriter:
         """
         if not self._open:
             return
-        if self.n_received != self.n_tokens:
-            self.abort()
-            raise ValueError(
-                f"ActivationWriter({self.path}): {self.n_received} rows written, "
-                f"expected n_tokens={self.n_tokens}; store removed"
-            )
-        if self._n_buffered:
-            self._flush()
+        self._finish("; store removed")
         self._array.attrs.update({**(attrs or {}), **self.attrs})
         _commit(self._tmp, self.path)
         self._open = False
@@ -336,6 +354,156 @@ class ActivationWriter:
             self.close()
         else:
             self.abort()
+
+
+def store_attrs(
+    attrs: Mapping[str, Any], store_dtype: str, n_tokens: int, d_in: int
+) -> dict[str, Any]:
+    """A store's attributes: ``attrs`` followed by those the writer sets (``dtype``,
+    ``n_tokens``, ``d_in``), in the order :class:`ActivationWriter` writes them."""
+    return {**attrs, "dtype": store_dtype, "n_tokens": n_tokens, "d_in": d_in}
+
+
+def _create_array(
+    path: Path,
+    n_tokens: int,
+    d_in: int,
+    store_dtype: str,
+    compressors: tuple[Any, ...],
+    chunk_tokens: int,
+) -> zarr.Array:
+    return zarr.create_array(
+        store=str(path),
+        shape=(n_tokens, d_in),
+        chunks=(min(chunk_tokens, n_tokens), d_in),
+        dtype=STORE_DTYPES[store_dtype][0],
+        compressors=compressors,
+        zarr_format=3,
+        config={"write_empty_chunks": True},  # every chunk on disk (ActivationStore checks)
+    )
+
+
+# --------------------------------------------------------------------------- several writers
+# A store written by the ranks of a data-parallel job (saelab.cache): rank 0 creates the empty
+# array (create_shared_store), each rank writes a disjoint run of whole chunks (chunk_part,
+# StorePartWriter: every chunk file has one writer), and rank 0 sets the attributes once all
+# ranks are done (finish_shared_store). The directory is private to the job: it lies inside
+# shared_atomic_dir's temporary directory, which rank 0 moves into place at the end.
+
+
+def chunk_part(n_tokens: int, chunk_tokens: int, part: int, n_parts: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of part ``part`` of a store of ``n_tokens`` rows in chunks of
+    ``chunk_tokens`` (clamped to n_tokens) split into ``n_parts`` runs of whole chunks, the
+    chunk counts differing by at most one (:func:`~saelab.distributed.part_bounds`; the last
+    chunk, which may be partial, in the last part). A part is empty (``lo == hi``) when there
+    are fewer chunks than parts."""
+    chunk = min(chunk_tokens, n_tokens)
+    first, last = part_bounds(-(-n_tokens // chunk), part, n_parts)
+    return min(first * chunk, n_tokens), min(last * chunk, n_tokens)
+
+
+def create_shared_store(
+    path: str | Path,
+    n_tokens: int,
+    d_in: int,
+    store_dtype: str,
+    codec: str,
+    codec_level: int,
+    chunk_tokens: int,
+) -> None:
+    """Create at ``path`` (inside a private temporary directory) the empty array an
+    :class:`ActivationWriter` with these arguments creates, for :class:`StorePartWriter` s.
+
+    Raises:
+        ValueError: bad sizes, dtype or codec.
+    """
+    _check_dtype(store_dtype)
+    compressors = make_compressors(codec, codec_level, STORE_DTYPES[store_dtype][0])
+    _create_array(Path(path), n_tokens, d_in, store_dtype, compressors, chunk_tokens)
+
+
+class StorePartWriter(_ChunkedWriter):
+    """Write rows ``[start, stop)`` of the array :func:`create_shared_store` made at ``path``,
+    in order, whole chunks at a time (:func:`chunk_part` gives a part's rows): the only writer
+    of those chunk files. Nothing is moved or removed; the enclosing temporary directory
+    makes the result atomic (:func:`shared_atomic_dir`).
+
+    Raises:
+        ValueError: ``[start, stop)`` is not a run of whole chunks of the array (the last may
+            be partial), or at close fewer rows were written than it holds.
+    """
+
+    _rows_name = "the part's rows"
+
+    def __init__(self, path: str | Path, store_dtype: str, start: int, stop: int) -> None:
+        self.path = Path(path)
+        array = zarr.open_array(str(self.path), mode="r+")
+        n_tokens, self.d_in = (int(n) for n in array.shape)
+        chunk = int(array.chunks[0])
+        _check_dtype(store_dtype)
+        self.dtype = store_dtype
+        if not (0 <= start <= stop <= n_tokens and start % chunk == 0
+                and (stop % chunk == 0 or stop == n_tokens)):  # fmt: skip
+            raise ValueError(
+                f"StorePartWriter({path}): rows [{start}, {stop}) are not whole chunks of "
+                f"{chunk} rows of a {n_tokens}-row store"
+            )
+        self._open_rows(array, start, stop)
+
+    def close(self) -> None:
+        """Flush and check that every row of the part was written.
+
+        Raises:
+            ValueError: fewer rows were written than the part holds.
+        """
+        if self._open:
+            self._finish("")
+            self._open = False
+
+    def __enter__(self) -> StorePartWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def finish_shared_store(path: str | Path, attrs: Mapping[str, Any]) -> None:
+    """Set the attributes of a store written by :class:`StorePartWriter` s (``attrs``: all of
+    them, :func:`store_attrs` first, so that ``zarr.json`` is the one
+    :class:`ActivationWriter` writes)."""
+    zarr.open_array(str(path), mode="r+").attrs.update(dict(attrs))
+    logger.info("wrote %d x %d %s activations to %s", attrs["n_tokens"], attrs["d_in"],
+                attrs["dtype"], path)  # fmt: skip
+
+
+@contextmanager
+def shared_atomic_dir(path: str | Path) -> Iterator[Path]:
+    """:func:`atomic_dir` for every rank of a data-parallel job (:mod:`saelab.distributed`).
+
+    Rank 0 creates ``<path>.tmp-<pid of rank 0>`` (sweeping the stale siblings of dead
+    processes first) and broadcasts its name; every rank yields that directory and writes its
+    own files into it (all ranks must see the same filesystem). When every rank has left the
+    block normally (a barrier), rank 0 moves it to ``path``. When rank 0's block raises, or
+    rank 0 is told to stop (SIGTERM: torchrun stopping the job after another rank failed),
+    the directory is removed; when rank 0 is killed (SIGKILL), it stays under its temporary
+    name, which the next run's sweep removes: ``path`` never holds a partial result. At world
+    size 1 it is :func:`atomic_dir`.
+    """
+    if distributed.world_size() == 1:
+        with atomic_dir(path) as tmp:
+            yield tmp
+        return
+    if distributed.rank() != 0:
+        yield Path(distributed.broadcast_object(None))
+        distributed.barrier()
+        return
+    with atomic_dir(path) as tmp:
+        distributed.broadcast_object(str(tmp))
+        yield tmp
+        distributed.barrier()
 
 
 def _check_writer_args(
