@@ -84,7 +84,7 @@ def llama_run(tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_pa
                 "--hist", f"plots/hist/{v}.json", "--per-context", f"data/per_context/{v}.npz",
             )  # fmt: skip
         run_cli("summarize", "--params", params, "--metrics", "metrics", "--hist", "plots/hist",
-                "--per-context", "data/per_context", "--out", "metrics/summary.json",
+                "--per-context", "data/per_context", "--out", "summary.json",
                 "--plots", "plots")  # fmt: skip
     return root
 
@@ -244,11 +244,12 @@ def test_mlflow_has_one_run_per_variant(llama_run: Path) -> None:
 
 def test_summarize_writes_summary_plots_and_finishes_the_parent_run(llama_run: Path) -> None:
     """summarize writes one summary row per variant equal to its metrics, the plot tables (one
-    Pareto row per variant), four PNGs, and logs them to the FINISHED pipeline parent run,
+    Pareto row per variant), four PNGs, and logs them (the plots, the metrics directory and the
+    summary file) to the FINISHED pipeline parent run,
     whose nested runs hold the SAE directory as an artifact."""
     from mlflow import MlflowClient
 
-    summary = json.loads((llama_run / "metrics" / "summary.json").read_text())
+    summary = json.loads((llama_run / "summary.json").read_text())
     assert sorted(summary) == sorted([*VARIANTS, "paired"])
     assert len(summary["paired"]) == len(VARIANTS) * (len(VARIANTS) - 1) // 2
     for row in summary["paired"].values():
@@ -270,6 +271,11 @@ def test_summarize_writes_summary_plots_and_finishes_the_parent_run(llama_run: P
     assert parent.data.metrics["topk/fvu"] == pytest.approx(summary["topk"]["fvu"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/pareto_l0_fvu.png" in artifacts
+    # the summary file and the metrics directory, not the summary's whole directory (the root)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "metrics", "plots", "summary.json"}  # fmt: skip
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "metrics")}
+    assert {f"metrics/{v}.json" for v in VARIANTS} <= logged
     for run in runs:
         names = {
             a.path

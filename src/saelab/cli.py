@@ -437,7 +437,8 @@ def summarize(
             {f"{v}/{k}": x for v, row in data["summary"].items() for k, x in _flat(row)}
         )
         tracker.log_artifacts(Path(plots_dir) / "png", "plots")
-        tracker.log_artifacts(Path(out).parent, "metrics")
+        tracker.log_artifacts(metrics_dir, "metrics")  # per-variant metrics JSON
+        tracker.log_artifact(out)  # the summary (at the repo root: not its whole directory)
     log.info("summary of %s written to %s", ", ".join(cfg.variants), out)
 
 

@@ -66,6 +66,8 @@ class Tracker(Protocol):
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None: ...
+
 
 class NullTracker:
     """Logs nothing: lets the loop run without asking whether logging is on."""
@@ -82,6 +84,9 @@ class NullTracker:
         pass
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
         pass
 
 
@@ -124,6 +129,10 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Copy the files of ``local_dir`` into the run's artifacts (under ``artifact_path``)."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
+        """Copy the file ``local_file`` into the run's artifacts (under ``artifact_path``)."""
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
 
 
 def tracking_uri(configured: str | None) -> str:
