@@ -29,7 +29,8 @@ PYTHON = Path(os.environ.get("SAELAB_INTEROP_PYTHON", REPO / ".venv-interop" / "
 HPARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["variant_params"]
 D_IN, D_SAE, K = 64, 512, 16
 EXPORTABLE = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "sampled": "JumpReLUSAE",
-              "jumprelu": "JumpReLUSAE", "relu": "StandardSAE"}  # fmt: skip
+              "jumprelu": "JumpReLUSAE", "relu": "StandardSAE",
+              "matryoshka": "JumpReLUSAE"}  # fmt: skip
 MODEL = ModelRef(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", "float32"
 )
@@ -55,7 +56,7 @@ def _trained_like(variant: str):
     with torch.no_grad():
         sae.b_enc.copy_(0.1 * torch.randn(D_SAE, generator=g))
         sae.b_dec.copy_(torch.randn(D_IN, generator=g))
-        if variant in ("batchtopk", "sampled"):
+        if variant in ("batchtopk", "sampled", "matryoshka"):
             sae.activation.threshold.fill_(0.3)
         if variant == "jumprelu":
             sae.activation.log_threshold.copy_((0.05 + 0.5 * torch.rand(D_SAE, generator=g)).log())
@@ -86,7 +87,7 @@ def _boundary(sae, pre: torch.Tensor) -> torch.Tensor:
         return pre.topk(act.k, dim=-1).values[:, -1:].expand_as(pre)
     if sae.variant == "jumprelu":
         return act.log_threshold.exp().expand_as(pre)
-    if sae.variant in ("batchtopk", "sampled"):
+    if sae.variant in ("batchtopk", "sampled", "matryoshka"):
         return act.threshold.expand_as(pre)
     return torch.zeros_like(pre)
 
