@@ -115,7 +115,6 @@ def cache_split(
     n_ctx, ctx_len = contexts.shape
     d_in = model.config.get_text_config().hidden_size
     attrs = _attrs(cfg, ctx_len, source)
-    device = next(model.parameters()).device
     batch = cfg.cache.batch_size
     start = time.perf_counter()
     with ActivationWriter(
@@ -124,15 +123,9 @@ def cache_split(
     ) as writer, tqdm(total=n_ctx * ctx_len, desc=f"cache {out.name}", unit="tok",
                       unit_scale=True) as bar:  # fmt: skip
         for i in range(0, n_ctx, batch):
-            ids = torch.from_numpy(contexts[i : i + batch].astype(np.int64)).to(device)
-            # [batch * ctx_len, d_in]
-            resid = capture_resid(model, cfg.model, ids).reshape(-1, d_in)
-            check_finite(
-                resid, f"cache: the model's {cfg.model.hookpoint} activations for store {out}",
-                i * ctx_len, f"check model.dtype (now {cfg.model.dtype}) and the model",
-            )  # fmt: skip
+            resid = _checked_resid(model, cfg, contexts[i : i + batch], i * ctx_len, out)
             writer.write(resid)
-            bar.update(ids.numel())
+            bar.update(len(resid))
         seconds = time.perf_counter() - start
         writer.attrs["tokens_per_s"] = n_ctx * ctx_len / seconds
     log.info("cached %d tokens of %s in %.0f s", n_ctx * ctx_len, source, seconds)
@@ -208,6 +201,25 @@ def batch_starts(lo: int, hi: int, ctx_len: int, batch: int) -> range:
     return range(first // batch * batch, last + 1, batch)
 
 
+def _checked_resid(
+    model: nn.Module, cfg: PipelineConfig, contexts: np.ndarray, first_row: int, out: Path
+) -> torch.Tensor:
+    """The activations ``[len(contexts) * ctx_len, d_in]`` at params' hookpoint of a batch of
+    contexts (``[batch, ctx_len]`` token ids), whose first row is store row ``first_row``.
+
+    Raises:
+        InputError: NaN or inf among them (:func:`~saelab.store.check_finite`, naming the rows).
+    """
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(contexts.astype(np.int64)).to(device)
+    resid = capture_resid(model, cfg.model, ids).flatten(0, 1)
+    check_finite(
+        resid, f"cache: the model's {cfg.model.hookpoint} activations for store {out}",
+        first_row, f"check model.dtype (now {cfg.model.dtype}) and the model",
+    )  # fmt: skip
+    return resid
+
+
 def _cache_split_part(
     model: nn.Module,
     cfg: PipelineConfig,
@@ -226,18 +238,11 @@ def _cache_split_part(
     distributed.barrier()  # the array exists
     start = time.perf_counter()
     lo, hi = chunk_part(n_tokens, cfg.cache.chunk_tokens, rank, distributed.world_size())
-    device = next(model.parameters()).device
     with StorePartWriter(out, store_dtype, lo, hi) as part, tqdm(
         total=hi - lo, desc=f"cache {out.name} (rank {rank})", unit="tok", unit_scale=True,
     ) as bar:  # fmt: skip
         for i in batch_starts(lo, hi, ctx_len, batch):
-            ids = torch.from_numpy(contexts[i : i + batch].astype(np.int64)).to(device)
-            # [batch * ctx_len, d_in]
-            resid = capture_resid(model, cfg.model, ids).reshape(-1, d_in)
-            check_finite(
-                resid, f"cache: the model's {cfg.model.hookpoint} activations for store {out}",
-                i * ctx_len, f"check model.dtype (now {cfg.model.dtype}) and the model",
-            )  # fmt: skip
+            resid = _checked_resid(model, cfg, contexts[i : i + batch], i * ctx_len, out)
             first = i * ctx_len  # the store row of resid[0]
             own = resid[max(lo - first, 0) : min(hi - first, len(resid))]
             part.write(own)

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -277,6 +277,16 @@ class _ChunkedWriter:
         """Stop accepting rows."""
         self._open = False
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """The subclass's ``close()`` when the block ends normally, ``abort()`` on an exception."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 class ActivationWriter(_ChunkedWriter):
     """Append activations to a new zarr store, whole chunks at a time, atomically.
@@ -345,15 +355,6 @@ class ActivationWriter(_ChunkedWriter):
         if self._open:
             _remove(self._tmp)
             self._open = False
-
-    def __enter__(self) -> ActivationWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def store_attrs(
@@ -459,15 +460,6 @@ class StorePartWriter(_ChunkedWriter):
         if self._open:
             self._finish("")
             self._open = False
-
-    def __enter__(self) -> StorePartWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def finish_shared_store(path: str | Path, attrs: Mapping[str, Any]) -> None:
