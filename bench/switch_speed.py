@@ -14,12 +14,13 @@ Run: ``python bench/switch_speed.py [--threads 2] [--repeats 7]``
 
 from __future__ import annotations
 
+import json
+
 import torch
+from study_budget import step_fn
 from train_step import HPARAMS, _median_seconds, inputs, start, step_parser
 
-from saelab.optim import SAEAdam
-from saelab.sae import build_sae
-from saelab.train import autocast_dtype, param_groups, train_step
+from saelab.train import autocast_dtype
 
 D_IN = 576
 CONFIGS = [("topk", 4608, None), ("switch", 4608, 2), ("switch", 4608, 4), ("switch", 4608, 8),
@@ -27,18 +28,9 @@ CONFIGS = [("topk", 4608, None), ("switch", 4608, 2), ("switch", 4608, 4), ("swi
 
 
 def _step(variant: str, d_sae: int, n_experts: int | None, k: int, x: torch.Tensor):
-    """One train_step of a fresh SAE, as the trainer runs it."""
-    hparams = dict(HPARAMS[variant])
-    if n_experts is not None:
-        hparams["n_experts"] = n_experts
-    sae = build_sae(variant, D_IN, d_sae, k, hparams, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        sae.activation.init_from_batch_(sae.encode_pre(x), sae.b_enc)
-    optimizer = SAEAdam(param_groups(sae), lr=1e-4)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
-    kwargs = {"k_aux": D_IN // 2, "aux_coef": 1 / 32, "grad_clip": 1.0, "sparse": True,
-              "autocast": autocast_dtype("auto", x.device)}  # fmt: skip
-    return lambda: train_step(sae, optimizer, x, dead, **kwargs)
+    """One train_step of a fresh SAE, as the trainer runs it (study_budget.step_fn)."""
+    hparams = {**HPARAMS[variant], **({"n_experts": n_experts} if n_experts else {})}
+    return step_fn((variant, k, d_sae, json.dumps(hparams)), x)
 
 
 def main() -> None:
