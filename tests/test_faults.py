@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.test_pipeline import _copy_project, _dvc, _env, _run
+from tests.test_pipeline import _dvc, _env, _init_project
 
 TESTS = Path(__file__).resolve().parent
 VARIANT = "topk"
@@ -166,14 +166,7 @@ def _dvc_repro(repo: Path, kill: tuple | None) -> subprocess.CompletedProcess:
 
 def _dvc_project(root: Path, params: dict) -> Path:
     repo = root / "repo"
-    repo.mkdir()
-    _copy_project(repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(repo, "git", "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.analytics", "false")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-q", "-m", "project")
+    _init_project(repo, params)
     return repo
 
 

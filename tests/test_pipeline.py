@@ -70,6 +70,19 @@ def _dvc(repo: Path, *args: str) -> str:
     return _run(repo, str(Path(sys.executable).parent / "dvc"), *args)
 
 
+def _init_project(repo: Path, params: dict) -> None:
+    """A fresh clone at ``repo`` (created): the project's files, ``params``, git and DVC
+    initialised, everything committed."""
+    repo.mkdir()
+    _copy_project(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(repo, "git", "init", "-q")
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.analytics", "false")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "project")
+
+
 def _metrics(repo: Path) -> dict[str, dict]:
     return {v: json.loads((repo / "metrics" / f"{v}.json").read_text()) for v in VARIANTS}
 
@@ -113,19 +126,12 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
     copy under .dvc/tmp/exps/, finds the data through the same relative paths, shows its
     metrics in `dvc exp show` and logs to the repo's mlflow.db; the pipeline ends up to date."""
     repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_project(repo)
     # Relative to the repo root, like params.yaml's ../shared/...: they must mean the same in
     # the workspace and in the temporary copies where queued experiments run.
     corpus = [os.path.relpath(d, repo) for d in tiny_corpus]
     params = make_tiny_params(Path(os.path.relpath(tiny_llama_dir, repo)), corpus, None)
     assert all(p.startswith("..") for p in (*corpus, params["model"]["name_or_path"]))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(repo, "git", "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.analytics", "false")
-    _run(repo, "git", "add", "-A")
-    _run(repo, "git", "commit", "-q", "-m", "project")
+    _init_project(repo, params)
 
     _dvc(repo, "repro")
     _assert_finite(_metrics(repo), k=params["k"])
