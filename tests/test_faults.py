@@ -151,17 +151,23 @@ def test_every_stage_killed_and_rerun_gives_the_uninterrupted_outputs(roots) -> 
 
 
 def _dvc_repro(repo: Path, kill: tuple | None) -> subprocess.CompletedProcess:
-    """``dvc repro evaluate@<VARIANT>`` in ``repo``, in a process group of its own; ``kill``: a
-    KILLS row, armed in that stage's command by tests/faults_site (the whole group SIGKILLed)."""
+    """``dvc repro <stage>`` in ``repo``, in a process group of its own; ``kill``: a KILLS row,
+    armed in that stage's command by tests/faults_site (the whole group SIGKILLed), and the
+    target is that stage (with what it depends on: DVC orders independent stages, such as
+    train and baseline, as it likes); without ``kill``, evaluate@<VARIANT>."""
     env = _env(repo)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "faults_site"), env["PYTHONPATH"]])
     if kill is not None:
         env["SAELAB_KILL_AT"] = "|".join([f"stages/{kill[0]}.py", kill[1], str(kill[2]), kill[3]])
     dvc = str(Path(sys.executable).parent / "dvc")
+    stage = f"evaluate@{VARIANT}" if kill is None else DVC_STAGES.get(kill[0], kill[0])
     return subprocess.run(
-        [dvc, "repro", f"evaluate@{VARIANT}"], cwd=repo, env=env, capture_output=True, text=True,
+        [dvc, "repro", stage], cwd=repo, env=env, capture_output=True, text=True,
         timeout=900, start_new_session=True,
     )  # fmt: skip
+
+
+DVC_STAGES = {"train": f"train@{VARIANT}", "evaluate": f"evaluate@{VARIANT}"}  # dvc.yaml names
 
 
 def _dvc_project(root: Path, params: dict) -> Path:
@@ -182,9 +188,9 @@ def _running_mlflow_runs(repo: Path) -> list[str]:
 def test_dvc_repro_killed_in_every_stage_then_rerun_gives_the_uninterrupted_outputs(
     tmp_path_factory, tiny_llama_dir, tiny_corpus_module, make_tiny_params
 ) -> None:
-    """``dvc repro`` SIGKILLed together with its stage (the whole process group) at each point of
-    KILLS in turn, prepare to evaluate, each run re-doing what the last one lost; then ``dvc
-    repro`` once more: exit 0, outputs equal to an uninterrupted ``dvc repro`` in another copy,
+    """``dvc repro <stage>`` SIGKILLed together with its stage (the whole process group) at each
+    point of KILLS in turn, prepare to evaluate, each run re-doing what the last ones lost
+    upstream of it; then ``dvc repro evaluate@<VARIANT>``: exit 0, outputs equal to an uninterrupted ``dvc repro`` in another copy,
     ``dvc status`` of the stages up to evaluate clean, no temporary directory or checkpoint
     left, and no MLflow run left RUNNING (a killed stage's run ends KILLED, or is reopened and
     finished)."""
