@@ -249,7 +249,7 @@ def test_report_without_runs_says_not_run(tmp_path) -> None:
     main(["report", "--study", str(study_dir), "--params", str(REPO / "params.yaml")])
     text = (study_dir / "report.md").read_text()
     verdicts = [line.rsplit("|", 2)[1].strip() for line in _claim_lines(text)]
-    assert len(verdicts) == 25 and set(verdicts) == {NOT_RUN}  # 12 claims, their cases
+    assert len(verdicts) == 38 and set(verdicts) == {NOT_RUN}  # 16 claims, their cases
     assert list((study_dir / "png").iterdir()) == []
 
 

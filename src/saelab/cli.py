@@ -655,6 +655,46 @@ def study_collect(
         _collect_curves(spec, rows, params_path)
 
 
+@study.command("structure")
+@STUDY
+@PARAMS
+@click.option(
+    "--probes", default="data/probes", show_default=True,
+    type=click.Path(exists=True, file_okay=False), help="the probe_data stage's output",
+)  # fmt: skip
+@click.option(
+    "--activations", default="data/activations", show_default=True,
+    type=click.Path(exists=True, file_okay=False), help="the cache stage's output (its eval store)",
+)  # fmt: skip
+@click.option("--replace", is_flag=True, help="re-measure runs that already have structure columns")
+def study_structure(
+    study_dir: str, params_path: str, probes: str, activations: str, replace: bool
+) -> None:
+    """Sparse probing, absorption and feature sharing of the study's runs selected by its
+    ``structure:`` filters, from each experiment's SAE, into runs.csv (saelab.study_structure)."""
+    import yaml
+
+    from saelab.report import select
+    from saelab.structure import run_structure
+    from saelab.study import collect, load_study, read_table
+    from saelab.study_structure import probes_hash, selection, structure_rows
+
+    spec = load_study(study_dir)
+    load_params(params_path)
+    workspace = yaml.safe_load(Path(params_path).read_text())
+    table = read_table(spec.runs_path)
+    chosen = {r["run"]: r for w in selection(spec.raw) for r in select(table, w)}
+    todo = [r for r in chosen.values() if replace or not r.get("sp_source_k1")]
+    log.info("%d runs selected, %d to measure", len(chosen), len(todo))
+
+    def measure(cfg, sae_dir):
+        return run_structure(cfg, sae_dir, Path(probes), Path(activations))
+
+    rows = structure_rows(todo, measure, workspace, probes_hash())
+    added = collect(spec, [r for r in rows if "structure_probes" in r], replace=True)
+    log.info("%d rows of %s gained structure metrics", added, spec.runs_path)
+
+
 def _collect_curves(spec: object, rows: list[dict], params_path: str) -> None:
     """The learning curves of ``rows`` from the MLflow store of params (``tracking``) into the
     study's curves.csv."""
