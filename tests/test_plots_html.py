@@ -79,6 +79,7 @@ def plots_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(REPO / "plots" / "templates", repo / "plots" / "templates")
     for name in ("pareto.json", "l0_hist.json", "density_hist.json"):
         shutil.copy(REPO / "plots" / name, repo / "plots" / name)
+    shutil.copytree(REPO / "reports" / "main" / "fronts", repo / "reports" / "main" / "fronts")
     _run(repo, "git", "init", "-q")
     _dvc(repo, "init", "-q")
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
@@ -89,6 +90,12 @@ def plots_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+STUDY_PLOTS = {
+    "study_l0_fvu": "reports/main/fronts/pareto_l0_fvu.json",
+    "study_sampled_l_fvu": "reports/main/fronts/sampled_l_fvu.json",
+}
+
+
 def _plot_ids() -> list[str]:
     return [next(iter(p)) for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]]
 
@@ -96,7 +103,8 @@ def _plot_ids() -> list[str]:
 def test_dvc_plots_show_renders_offline(plots_repo: Path, tmp_path: Path) -> None:
     """`dvc plots show` with no flags writes a page without CDN scripts on which offline
     Chromium draws every plot: one point per pareto.json row in both Pareto plots, a line per
-    variant in each histogram. DVC's default page, rendered the same way, draws nothing."""
+    variant in each histogram, a point per record and a line per line label in the study's
+    fronts (reports/main/fronts/, committed by the report stage). DVC's default page, rendered the same way, draws nothing."""
     browser = _browser()
     _dvc(plots_repo, "plots", "show")
     page = plots_repo / "dvc_plots" / "index.html"
@@ -115,6 +123,11 @@ def test_dvc_plots_show_renders_offline(plots_repo: Path, tmp_path: Path) -> Non
             f"unexplained): {fvu[v]:.12g}; variant: {v}; rev: workspace"
             in sections["pareto_l0_fvu"]
         ), v
+
+    for pid, file in STUDY_PLOTS.items():  # the study's fronts: a point per record
+        points = json.loads((plots_repo / file).read_text())["points"]
+        assert points and _drawn(sections[pid], "point") == len(points), pid
+        assert _drawn(sections[pid], "line mark") == len({p["line"] for p in points}), pid
 
     default = _default_page(tmp_path)
     _dvc(plots_repo, "plots", "show", "-o", "cdn_page", "--html-template", str(default))

@@ -1,6 +1,7 @@
 """saelab.report: the verdict rules on hand-made runs tables with known answers, and the report
 rendered from a synthetic runs table of reports/main's grid."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -239,6 +240,17 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
         assert (study_dir / "png" / name).read_bytes()[:4] == b"\x89PNG"
     topk = next(r for r in _synthetic_runs(study) if r["run"] == "topk-c128-k32-d4608-t917504-s0")
     assert f"{topk['fvu']:.4g} [{topk['fvu_ci_low']:.4g}, {topk['fvu_ci_high']:.4g}]" in text
+    fronts = sorted(p.name for p in (study_dir / "fronts").iterdir())
+    assert fronts == sorted(n.replace(".png", ".json") for n in pngs)  # DVC plot data per PNG
+    points = json.loads((study_dir / "fronts" / "pareto_l0_fvu.json").read_text())["points"]
+    runs = _synthetic_runs(study)
+    for p in points:  # each point: the mean over the 3 seeds of its variant's k_sweep runs at k
+        same = [r for r in runs if "k_sweep" in r["groups"] and r["variant"] == p["line"]
+                and r["l0"] == p["x"]]  # fmt: skip
+        assert p["n"] == 3 == len(same)
+        assert p["y"] == pytest.approx(sum(r["fvu"] for r in same) / 3)
+        assert p["y_low"] <= p["y"] <= p["y_high"]
+    assert len(points) == 3 * len({p["line"] for p in points})
 
 
 def test_report_without_runs_says_not_run(tmp_path) -> None:

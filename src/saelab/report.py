@@ -436,6 +436,32 @@ def plot_specs(plots: Mapping[str, Any], variants: Sequence[str]) -> list[PlotSp
     return specs
 
 
+def plot_points(
+    spec: PlotSpec, rows: Sequence[Mapping[str, Any]]
+) -> list[tuple[LineSpec, list[tuple[Interval, Interval]]]]:
+    """The lines of ``spec`` that have points: per line, its points' intervals over seeds of
+    ``spec.x`` and ``spec.y`` (:func:`_agg`), sorted by x."""
+    table = [derived_columns(r) for r in rows]
+    drawn = [
+        (line, _agg(select(table, line.where), spec.x, spec.y, line.by)) for line in spec.lines
+    ]
+    return [(line, pts) for line, pts in drawn if pts]
+
+
+def front_records(spec: PlotSpec, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``spec``'s points as DVC plot data (``reports/<study>/fronts/<plot>.json``, drawn by
+    ``plots/templates/study_front.json`` for ``dvc plots show`` / ``dvc plots diff``): one
+    record per point, ``line`` (its label), ``x``/``y`` (means over seeds), their 95%
+    t-interval bounds ``x_low``... and the number of seeds ``n``."""
+    out = []
+    for line, points in plot_points(spec, rows):
+        for ix, iy in points:
+            bounds = {"x_low": ix.low, "x_high": ix.high, "y_low": iy.low, "y_high": iy.high}
+            clean = {k: (v if math.isfinite(v) else None) for k, v in bounds.items()}
+            out.append({"line": line.label, "x": ix.mean, "y": iy.mean, **clean, "n": iy.n})
+    return out
+
+
 def render_plot(spec: PlotSpec, rows: Sequence[Mapping[str, Any]], out_dir: Path) -> Path | None:
     """Draw ``spec`` (error bars: 95% t-intervals over seeds of both coordinates) into
     ``out_dir``; None (no file) when no line has a point."""
@@ -444,11 +470,7 @@ def render_plot(spec: PlotSpec, rows: Sequence[Mapping[str, Any]], out_dir: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = [derived_columns(r) for r in rows]
-    drawn = [
-        (line, _agg(select(table, line.where), spec.x, spec.y, line.by)) for line in spec.lines
-    ]
-    drawn = [(line, pts) for line, pts in drawn if pts]
+    drawn = plot_points(spec, rows)
     if not drawn:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -605,8 +627,26 @@ def build_report(
     return "\n".join(lines)
 
 
+def write_fronts(
+    study_raw: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out: Path
+) -> None:
+    """``out/<plot>.json`` (:func:`front_records`, ``{"points": [...]}``) for every plot of the
+    report, built under a temporary name (:func:`saelab.store.atomic_dir`)."""
+    import json
+
+    from saelab.store import atomic_dir
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    with atomic_dir(out) as tmp:
+        for spec in plot_specs(study_raw.get("plots") or {}, variants):
+            points = front_records(spec, rows)
+            text = json.dumps({"points": points}, indent=1, allow_nan=False)
+            (tmp / f"{Path(spec.file).stem}.json").write_text(text + "\n")
+
+
 def write_report(study: Any, params: Mapping[str, Any]) -> Path:
-    """Regenerate ``<study dir>/report.md`` and ``<study dir>/png/`` from ``study``'s
+    """Regenerate ``<study dir>/report.md``, ``<study dir>/png/`` and the DVC plot data
+    ``<study dir>/fronts/`` (:func:`write_fronts`) from ``study``'s
     (:class:`saelab.study.Study`) runs table and curves (``runs.csv``, ``curves.csv``; a missing
     file: no rows) and claims; ``params`` (params.yaml, parsed) gives the setting. The PNG
     directory is built under a temporary name and the markdown written via a temporary file,
@@ -626,6 +666,7 @@ def write_report(study: Any, params: Mapping[str, Any]) -> Path:
         check_claim(i, claim)
     with atomic_dir(study.path / "png") as tmp:
         text = build_report(study.raw, params, rows, curves, len(expand(study)), tmp)
+    write_fronts(study.raw, rows, study.path / "fronts")
     path = study.path / "report.md"
     part = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     part.write_text(text)
