@@ -220,7 +220,7 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
     main(["report", "--study", str(study_dir), "--params", str(REPO / "params.yaml")])
     text = (study_dir / "report.md").read_text()
     assert "hookpoint `blocks.15.hook_resid_pre`" in text and "917,504" in text
-    assert "runs in the table: 66 of the 66" in text and "AMD EPYC (torch capability AVX2)" in text
+    assert "runs in the table: 84 of the 84" in text and "AMD EPYC (torch capability AVX2)" in text
     n_claim_rows = sum(len(c.get("cases") or [{}]) for c in yaml.safe_load(
         (study_dir / "study.yaml").read_text())["claims"])  # fmt: skip
     claim_lines = _claim_lines(text)
@@ -261,7 +261,7 @@ def test_report_without_runs_says_not_run(tmp_path) -> None:
     main(["report", "--study", str(study_dir), "--params", str(REPO / "params.yaml")])
     text = (study_dir / "report.md").read_text()
     verdicts = [line.rsplit("|", 2)[1].strip() for line in _claim_lines(text)]
-    assert len(verdicts) == 38 and set(verdicts) == {NOT_RUN}  # 16 claims, their cases
+    assert len(verdicts) == 52 and set(verdicts) == {NOT_RUN}  # 16 claims, their cases
     assert list((study_dir / "png").iterdir()) == []
 
 

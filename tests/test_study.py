@@ -97,9 +97,10 @@ def test_run_name_is_from_overrides_only() -> None:
 def test_main_study_grid() -> None:
     """reports/main/study.yaml: 2 x 3 x 3 (k sweep) + 3 (JumpReLU) + 2 x 3 (4x tokens) + 3 x 3
     (width-matched E) + 4 x 3 (Sampled l) + 2 x 3 (FLOP-matched) + 2 x 2 x 3 (new dictionary
-    sizes) = 66 runs, every one on the same 128 eval contexts."""
+    sizes) + 2 x 3 (JumpReLU k = 16, 64) + 2 x 3 (Sampled squared_l2, entropy) + 2 x 3 (Switch
+    k = 16, 64) = 84 runs, every one on the same 128 eval contexts."""
     runs = expand(load_study(REPO / "reports" / "main"))
-    assert len(runs) == 66
+    assert len(runs) == 84
     flop = [r for r in runs if "switch_flop" in r.groups]
     shapes = {
         (r.overrides["variant_params.switch.n_experts"], r.overrides["sae.d_sae"]) for r in flop
