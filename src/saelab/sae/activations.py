@@ -393,8 +393,10 @@ def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
 
 
 # Largest share of active entries, nnz / (batch * d_sae), at which ReLU and JumpReLU train on
-# the sparse path; above it (early in training, L0 in the hundreds) the dense forward is faster
-# (docs/performance.md). A speed knob only: both paths compute the same function.
+# the sparse path; above it (e.g. ReLU with b_enc = 0: L0 ~ d_sae / 2) they take the dense
+# forward, whose three GEMMs beat ~4 gather passes of nnz rows somewhere around this share (an
+# estimate, not a measured crossover; docs/performance.md). Also bounds the index memory (two
+# int64 per entry). A speed knob only: both paths compute the same function.
 _SPARSE_MAX_DENSITY = 1 / 16
 
 
