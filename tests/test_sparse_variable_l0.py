@@ -123,7 +123,8 @@ def test_jumprelu_selection_keeps_every_entry_with_an_act_or_a_kernel():
     assert rows.tolist() == [0, 0, 0, 1, 1] and cols.tolist() == [1, 2, 3, 0, 3]
     z_N = z[rows, cols]
     torch.testing.assert_close(act.sparse_acts(z_N, cols), act(z)[rows, cols])
-    assert float(act(z).sum()) == pytest.approx(float(act.sparse_acts(z_N, cols).sum()))
+    total = float(act(z).detach().sum())
+    assert total == pytest.approx(float(act.sparse_acts(z_N, cols).detach().sum()))
     kernel = ((z - 1.0).abs() < 0.2) | (z > 1.0)  # every entry with a kernel or an act
     assert kernel.sum() == 4 and kernel[rows, cols].sum() == 4  # all of them kept
 
@@ -182,7 +183,8 @@ def test_twenty_bf16_train_steps_stay_as_close_to_fp32_as_the_dense_ones(variant
             assert err_dense == 0, name  # fp32 steps, the same as the fp32 run
             torch.testing.assert_close(params_s[name], p, rtol=1e-4, atol=1e-5, msg=name)
         else:
-            assert 0 < err_dense < 0.05 * p.abs().max(), name  # bf16 ran, and stayed close
+            # bf16 ran, and moved no weight by more than 20 Adam steps of lr 1e-3 can
+            assert 0 < err_dense < 0.02, name
             assert err_sparse <= 1.5 * err_dense, name
     assert r_s.metrics["fvu"] == pytest.approx(r_32.metrics["fvu"], rel=2e-2)
     assert r_s.metrics["l0"] == pytest.approx(r_32.metrics["l0"], rel=5e-2)
