@@ -140,15 +140,3 @@ def test_sparse_decode_with_empty_tokens_equals_the_dense_product():
     torch.testing.assert_close(sparse_decode(code, W_dec, b_dec), expected)
     assert code.l0(4).item() == pytest.approx(5 / 4)
     assert code.fired(10).nonzero().flatten().tolist() == [0, 1, 4, 9]
-
-
-@pytest.mark.parametrize("variant", ["relu", "jumprelu"])
-def test_variants_with_a_dense_penalty_have_no_sparse_path(variant: str):
-    hparams = {
-        "relu": {"l1_coef": 0.01, "init_b_enc": "zero"},
-        "jumprelu": {"bandwidth": 0.001, "l0_coef": 1.0, "init_threshold": 0.1},
-    }[variant]
-    sae = build_sae(variant, D_IN, D_SAE, K, hparams)
-    assert not sae.sparse_training
-    with pytest.raises(NotImplementedError, match="no sparse training path"):
-        sae.forward_sparse(torch.randn(4, D_IN))

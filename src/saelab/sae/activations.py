@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from saelab import distributed
 from saelab.sae import registry
 from saelab.sae.registry import HParam, VariantSpec, register
+from saelab.sae.sparse import SparseCode
 
 # Rows of the batch used to find a lower bound for BatchTopK's batch threshold (see
 # :func:`_batch_topk_indices_bounded`); a speed knob only, the selection is exact whatever it is.
@@ -33,8 +34,11 @@ class SparsityActivation(nn.Module):
     stored in ``cfg.json``) and expose ``k``, the target mean number of active latents per token.
     The hooks below have neutral defaults, so a strategy overrides only what it needs:
 
-    - ``sparse_training``: the strategy implements :meth:`select` and has no sparsity loss, so
-      the trainer can use the sparse path of :mod:`saelab.sae.sparse` (top-k families).
+    - ``sparse_training``: the strategy implements :meth:`select` (and, when it has a sparsity
+      loss, :meth:`sparse_sparsity_loss`), so the trainer can use the sparse path of
+      :mod:`saelab.sae.sparse` (top-k families, ReLU, JumpReLU).
+    - :meth:`sparse_acts`: the acts at the selected entries from their pre-activations (relu;
+      JumpReLU's own function).
     - ``autocast_safe``: whether training keeps its metrics with bf16 pre-activations
       (``train.autocast``); false makes the trainer run the strategy in float32.
     - ``uses_auxk``: whether the trainer adds the AuxK loss on dead latents (Gao et al. 2024,
@@ -99,8 +103,26 @@ class SparsityActivation(nn.Module):
         that ``forward(pre_acts)`` is ``relu(pre_acts)`` at those entries and 0 elsewhere. Called
         without autograd on ``pre_acts [batch, d_sae]``; may update state as ``forward`` does
         (BatchTopK's ``last_min_kept``). Only strategies with ``sparse_training`` implement it.
+        A strategy whose L0 varies (ReLU, JumpReLU) may return None when too many entries are
+        active for the sparse path to pay (:func:`_active_entries`); the SAE then runs the dense
+        forward.
         """
         raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
+
+    def sparse_acts(self, pre_N: Tensor, cols: Tensor) -> Tensor:
+        """acts [nnz] at the entries of :meth:`select` from their pre-activations ``pre_N
+        [nnz]`` float32 (attached to the graph) at latents ``cols [nnz]`` int64: what
+        ``forward`` gives at those entries, with its gradient; relu unless overridden."""
+        return pre_N.relu()
+
+    def sparse_sparsity_loss(
+        self, pre_N: Tensor, code: SparseCode, W_dec: Tensor, batch: int
+    ) -> Tensor:
+        """:meth:`sparsity_loss` on the sparse path: the same scalar and gradients from the
+        selected entries only. ``pre_N [nnz]`` float32: their pre-activations (detached),
+        ``code``: their acts (attached), ``W_dec [d_sae, d_in]``, ``batch``: this rank's
+        tokens. 0 unless overridden."""
+        return W_dec.new_zeros(())
 
     def rng_state(self) -> Tensor | None:
         """State of the strategy's own RNG (a uint8 tensor, ``torch.Generator.get_state``), or
@@ -370,6 +392,25 @@ def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
     return candidates_C[top.indices]
 
 
+# Largest share of active entries, nnz / (batch * d_sae), at which ReLU and JumpReLU train on
+# the sparse path; above it (e.g. ReLU with b_enc = 0: L0 ~ d_sae / 2) they take the dense
+# forward, whose three GEMMs beat ~4 gather passes of nnz rows somewhere around this share (an
+# estimate, not a measured crossover; docs/performance.md). Also bounds the index memory (two
+# int64 per entry). A speed knob only: both paths compute the same function.
+_SPARSE_MAX_DENSITY = 1 / 16
+
+
+def _active_entries(mask_BS: Tensor, max_density: float) -> tuple[Tensor, Tensor] | None:
+    """(rows, cols) [nnz] int64 of the True entries of ``mask_BS [batch, d_sae]`` bool,
+    token-major (rows non-decreasing, cols increasing within a row), or None when more than a
+    share ``max_density`` of the entries are True (counted before any index is built)."""
+    if int(mask_BS.sum()) > max_density * mask_BS.numel():
+        return None
+    flat_N = mask_BS.view(-1).nonzero().squeeze(1)
+    d_sae = mask_BS.shape[1]
+    return torch.div(flat_N, d_sae, rounding_mode="floor"), flat_N % d_sae
+
+
 class ReLU(SparsityActivation):
     """ReLU + L1 as in Anthropic's April 2024 recipe (Conerly et al. 2024, "Circuits Updates,
     April 2024", "Training SAEs"; SAELens's ``standard`` training with
@@ -401,6 +442,8 @@ class ReLU(SparsityActivation):
 
     variant = "relu"
     unit_norm_decoder = False
+    sparse_training = True
+    sparse_max_density = _SPARSE_MAX_DENSITY
     INIT_B_ENC = ("zero", "quantile")
 
     def __init__(
@@ -447,6 +490,22 @@ class ReLU(SparsityActivation):
         """``l1_coef * mean_t sum_i acts_ti ||W_dec,i||`` (scalar); acts >= 0, so |f| = f."""
         return self.l1_coef * distributed.global_mean(acts @ W_dec.norm(dim=1))
 
+    @torch.no_grad()
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(rows, cols) [nnz] int64 of the entries of ``pre_acts [batch, d_sae]`` > 0, the
+        support of relu (and of its gradient), token-major; None above ``sparse_max_density``."""
+        return _active_entries(pre_acts > 0, self.sparse_max_density)
+
+    def sparse_sparsity_loss(
+        self, pre_N: Tensor, code: SparseCode, W_dec: Tensor, batch: int
+    ) -> Tensor:
+        """:meth:`sparsity_loss` from the ``nnz`` active entries: ``l1_coef * mean_t sum_e
+        acts_e ||W_dec,c_e||`` over token t's entries e (the other acts are 0). The gradient of
+        the norms reaches every row of ``W_dec`` with an active entry, as in the dense form."""
+        weighted_N = code.values * W_dec.norm(dim=1)[code.cols]
+        per_token_B = weighted_N.new_zeros(batch).index_add(0, code.rows, weighted_N)
+        return self.l1_coef * distributed.global_mean(per_token_B)
+
     def hparams(self) -> dict[str, Any]:
         return {
             "l1_coef": self.l1_coef,
@@ -464,52 +523,77 @@ def _rectangle(u: Tensor) -> Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
+def _theta_at(theta_S: Tensor, cols: Tensor | None) -> Tensor:
+    """θ per entry: ``theta_S [d_sae]`` itself (broadcast over the rows of a dense ``z [batch,
+    d_sae]``), or ``theta_S[cols]`` [nnz] for the entries of the sparse path."""
+    return theta_S if cols is None else theta_S[cols]
+
+
+def _per_latent(v: Tensor, cols: Tensor | None, d_sae: int) -> Tensor:
+    """Sum of ``v`` over each latent's entries, [d_sae]: over the rows of a dense ``v [batch,
+    d_sae]``, or over the entries ``e`` with ``cols[e] == i`` of a sparse ``v [nnz]``."""
+    if cols is None:
+        return v.sum(0)
+    return v.new_zeros(d_sae).index_add_(0, cols, v)
+
+
 class _JumpReLUFn(torch.autograd.Function):
     """``z * H(z - θ)`` with the straight-through estimator of Rajamanoharan et al. 2024, sec. 4,
     eq. 11: ``∂/∂z = H(z - θ)`` and the pseudo-derivative ``∂/∂θ = -(θ / ε) K((z - θ) / ε)``.
 
-    z [batch, d_sae] (any float dtype), θ [d_sae] float32 (> 0), ε = bandwidth.
+    z [batch, d_sae] (any float dtype), θ [d_sae] float32 (> 0), ε = bandwidth. The sparse path
+    passes ``cols`` [nnz] int64 and ``z [nnz]``, the entries at those latents (every entry with
+    a nonzero act or kernel, :meth:`JumpReLU.select`): the same formula entry by entry, θ_i's
+    gradient summed over latent i's entries.
     """
 
     @staticmethod
-    def forward(ctx: Any, z_BS: Tensor, theta_S: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(z_BS, theta_S)
+    def forward(
+        ctx: Any, z: Tensor, theta_S: Tensor, bandwidth: float, cols: Tensor | None = None
+    ) -> Tensor:
+        ctx.save_for_backward(z, theta_S, cols)
         ctx.bandwidth = bandwidth
-        return torch.where(z_BS > theta_S, z_BS, 0.0)
+        return torch.where(z > _theta_at(theta_S, cols), z, 0.0)
 
     @staticmethod
-    def backward(ctx: Any, grad_BS: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        z_BS, theta_S = ctx.saved_tensors
-        grad_z = torch.where(z_BS > theta_S, grad_BS, 0.0) if ctx.needs_input_grad[0] else None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        z, theta_S, cols = ctx.saved_tensors
+        theta = _theta_at(theta_S, cols)
+        grad_z = torch.where(z > theta, grad, 0.0) if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            kernel_BS = _rectangle((z_BS.float() - theta_S) / ctx.bandwidth)
-            grad_theta = -(theta_S / ctx.bandwidth) * (kernel_BS * grad_BS.float()).sum(0)
-        return grad_z, grad_theta, None
+            kernel = _rectangle((z.float() - theta) / ctx.bandwidth)
+            sums_S = _per_latent(kernel * grad.float(), cols, theta_S.shape[0])
+            grad_theta = -(theta_S / ctx.bandwidth) * sums_S
+        return grad_z, grad_theta, None, None
 
 
 class _StepFn(torch.autograd.Function):
     """Heaviside ``H(z - θ)`` with the straight-through estimator of Rajamanoharan et al. 2024,
     sec. 4, eq. 12: ``∂/∂z = 0`` and ``∂/∂θ = -(1 / ε) K((z - θ) / ε)``.
 
-    z [batch, d_sae] (any float dtype), θ [d_sae] float32, ε = bandwidth; output float32.
+    z [batch, d_sae] (any float dtype), θ [d_sae] float32, ε = bandwidth; output float32. With
+    ``cols`` [nnz] int64 and ``z [nnz]``: the sparse form, as :class:`_JumpReLUFn`.
     """
 
     @staticmethod
-    def forward(ctx: Any, z_BS: Tensor, theta_S: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(z_BS, theta_S)
+    def forward(
+        ctx: Any, z: Tensor, theta_S: Tensor, bandwidth: float, cols: Tensor | None = None
+    ) -> Tensor:
+        ctx.save_for_backward(z, theta_S, cols)
         ctx.bandwidth = bandwidth
-        return (z_BS > theta_S).float()
+        return (z > _theta_at(theta_S, cols)).float()
 
     @staticmethod
-    def backward(ctx: Any, grad_BS: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        z_BS, theta_S = ctx.saved_tensors
-        grad_z = torch.zeros_like(z_BS) if ctx.needs_input_grad[0] else None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        z, theta_S, cols = ctx.saved_tensors
+        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            kernel_BS = _rectangle((z_BS.float() - theta_S) / ctx.bandwidth)
-            grad_theta = -(kernel_BS * grad_BS.float()).sum(0) / ctx.bandwidth
-        return grad_z, grad_theta, None
+            kernel = _rectangle((z.float() - _theta_at(theta_S, cols)) / ctx.bandwidth)
+            sums_S = _per_latent(kernel * grad.float(), cols, theta_S.shape[0])
+            grad_theta = -sums_S / ctx.bandwidth
+        return grad_z, grad_theta, None, None
 
 
 class JumpReLU(SparsityActivation):
@@ -557,6 +641,8 @@ class JumpReLU(SparsityActivation):
     # few pre-activations and θ stops learning (synthetic run: L0 2.4 instead of 3.6 with
     # k = 4, FVU 0.30 instead of 0.24). So JumpReLU trains in float32.
     autocast_safe = False
+    sparse_training = True
+    sparse_max_density = _SPARSE_MAX_DENSITY
     log_threshold: nn.Parameter
 
     def __init__(
@@ -627,6 +713,33 @@ class JumpReLU(SparsityActivation):
     def sparsity_loss(self, pre_acts: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
         """``l0_coef * (L0 / k - 1)^2``, L0 = mean_t sum_i H(pre_acts_ti - θ_i) (STE for θ)."""
         l0 = distributed.global_mean(_StepFn.apply(pre_acts, self.threshold, self.eps).sum(dim=-1))
+        return self.l0_coef * (l0 / self.k - 1.0).pow(2)
+
+    @torch.no_grad()
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(rows, cols) [nnz] int64, token-major, of the entries of ``pre_acts [batch, d_sae]``
+        above ``θ_i - ε/2`` (less a margin): every entry with a nonzero act (z > θ) or a nonzero
+        STE kernel (``|z - θ| < ε/2``), i.e. every entry :meth:`forward` and
+        :meth:`sparsity_loss` give a nonzero value or gradient. The margin, ``ε / 2048 + θ /
+        2^20``, exceeds float32 rounding of ``(z - θ) / ε``, so an entry left out has kernel 0
+        as computed by :class:`_JumpReLUFn`; an entry taken in with act 0 and kernel 0
+        contributes 0. None above ``sparse_max_density``."""
+        theta_S = self.threshold.double()
+        lower_S = theta_S - 0.5 * self.eps * (1 + 2**-10) - theta_S * 2**-20
+        return _active_entries(pre_acts > lower_S.float(), self.sparse_max_density)
+
+    def sparse_acts(self, pre_N: Tensor, cols: Tensor) -> Tensor:
+        """``z * H(z - θ)`` at the selected entries (:class:`_JumpReLUFn`, sparse form)."""
+        return _JumpReLUFn.apply(pre_N, self.threshold, self.eps, cols)
+
+    def sparse_sparsity_loss(
+        self, pre_N: Tensor, code: SparseCode, W_dec: Tensor, batch: int
+    ) -> Tensor:
+        """:meth:`sparsity_loss` from the selected entries: L0 counts their ``H(z - θ)``
+        (the others are below θ), θ's STE gradient sums their kernels (the others' are 0)."""
+        step_N = _StepFn.apply(pre_N, self.threshold, self.eps, code.cols)
+        count_B = step_N.new_zeros(batch).index_add(0, code.rows, step_N)
+        l0 = distributed.global_mean(count_B)
         return self.l0_coef * (l0 / self.k - 1.0).pow(2)
 
     def hparams(self) -> dict[str, Any]:

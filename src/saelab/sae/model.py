@@ -38,11 +38,13 @@ class SAEOutput(NamedTuple):
 
 
 class SparseOutput(NamedTuple):
-    """Output of the sparse training path: recon [batch, d_in] (attached to the graph) and the
-    active latents as a :class:`~saelab.sae.sparse.SparseCode` (nnz entries)."""
+    """Output of the sparse training path: recon [batch, d_in] (attached to the graph), the
+    active latents as a :class:`~saelab.sae.sparse.SparseCode` (nnz entries) and their
+    pre-activations pre_acts [nnz] float32 (detached; None from Switch)."""
 
     recon: Tensor
     code: SparseCode
+    pre_acts: Tensor | None = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -107,14 +109,17 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def sparse_training(self) -> bool:
-        """Whether :meth:`forward_sparse` is available (TopK, BatchTopK, Sampled, Switch)."""
+        """Whether :meth:`forward_sparse` is available (TopK, BatchTopK, Sampled, Switch, ReLU,
+        JumpReLU)."""
         return self.activation.sparse_training
 
-    def forward_sparse(self, x: Tensor) -> SparseOutput:
+    def forward_sparse(self, x: Tensor) -> SparseOutput | SAEOutput:
         """The training-mode forward of :meth:`forward` for ``x [batch, d_in]`` float32, with
         the same recon and the same gradients, computed sparsely (:mod:`saelab.sae.sparse`): one
         dense encoder GEMM without autograd, the activation's :meth:`select`, then only the
-        selected latents' encoder entries, decoder rows and gradients.
+        selected latents' encoder entries, decoder rows and gradients. When ``select`` declines
+        (ReLU, JumpReLU with too many active entries for the sparse path to pay), the dense
+        :meth:`forward`'s output instead.
 
         Raises:
             NotImplementedError: the activation has no sparse path (``sparse_training`` false).
@@ -122,12 +127,17 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():  # x @ W_enc, then the bias in place: addmm copies the bias
             # into the [batch, d_sae] output before the GEMM, a pass as large as the GEMM's output
             pre_acts_BS = (x @ self.W_enc).add_(self.b_enc - self.b_dec @ self.W_enc)
-        rows, cols = self.activation.select(pre_acts_BS)
-        values = gather_pre_acts(
-            x, self.W_enc, self.b_enc, self.b_dec, pre_acts_BS[rows, cols].float(), rows, cols
-        ).relu()
+        selected = self.activation.select(pre_acts_BS)
+        if selected is None:
+            return self(x)
+        rows, cols = selected
+        pre_N = pre_acts_BS[rows, cols].float()
+        del pre_acts_BS
+        values = self.activation.sparse_acts(
+            gather_pre_acts(x, self.W_enc, self.b_enc, self.b_dec, pre_N, rows, cols), cols
+        )
         code = SparseCode(values, rows, cols, offsets_of(rows, x.shape[0]))
-        return SparseOutput(sparse_decode(code, self.W_dec, self.b_dec), code)
+        return SparseOutput(sparse_decode(code, self.W_dec, self.b_dec), code, pre_N)
 
     def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
         """x [batch, d_in] -> pre_acts [batch, n] of the latents ``latents [n]`` int64 only,
@@ -152,11 +162,13 @@ class SparseAutoencoder(nn.Module):
     def sparsity_loss(self, x: Tensor, out: SAEOutput | SparseOutput) -> Tensor:
         """The variant's weighted training penalty on ``x [batch, d_in]`` with ``out = self(x)``
         (scalar attached to the graph): the activation's
-        :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0).
-        With ``out = self.forward_sparse(x)`` it is 0: only penalty-free activations have that
-        path."""
+        :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0);
+        with ``out = self.forward_sparse(x)``, its sparse form
+        (:meth:`~saelab.sae.activations.SparsityActivation.sparse_sparsity_loss`)."""
         if isinstance(out, SparseOutput):
-            return x.new_zeros(())
+            return self.activation.sparse_sparsity_loss(
+                out.pre_acts, out.code, self.W_dec, x.shape[0]
+            )
         return self.activation.sparsity_loss(out.pre_acts, out.acts, self.W_dec)
 
     @torch.no_grad()

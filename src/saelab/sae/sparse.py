@@ -2,7 +2,9 @@
 
 The physical floor of a TopK step is one dense encoder GEMM (``[batch, d_in] x [d_in, d_sae]``),
 which every latent's pre-activation needs for the selection. Everything after it can be sparse:
-with ``nnz`` selected (token, latent) pairs (``k * batch`` for TopK and BatchTopK),
+with ``nnz`` selected (token, latent) pairs (``k * batch`` for TopK and BatchTopK; for ReLU
+and JumpReLU the active entries, as many as the batch has, JumpReLU's with the straight-through
+estimator's band below θ),
 
 - the decoder is a sum of ``nnz`` scaled rows of ``W_dec`` (``F.embedding_bag``), not a
   ``[batch, d_sae] x [d_sae, d_in]`` GEMM; its gradients are ``nnz`` dot products for the codes
@@ -33,10 +35,10 @@ from torch import Tensor
 class SparseCode(NamedTuple):
     """The active latents of a batch, token-major (``nnz`` entries, sorted by token).
 
-    values: [nnz] float32 acts (>= 0; zero for a selected entry whose pre-activation is <= 0),
-    attached to the graph. rows: [nnz] int64 token index, non-decreasing. cols: [nnz] int64 latent
-    index. offsets: [batch] int64, index of each token's first entry (``F.embedding_bag``'s
-    offsets; a token with no entry has an empty bag).
+    values: [nnz] float32 acts (>= 0; zero for a selected entry whose pre-activation is <= 0,
+    or, for JumpReLU, below θ), attached to the graph. rows: [nnz] int64 token index,
+    non-decreasing. cols: [nnz] int64 latent index. offsets: [batch] int64, index of each
+    token's first entry (``F.embedding_bag``'s offsets; a token with no entry has an empty bag).
     """
 
     values: Tensor
