@@ -29,7 +29,8 @@ from saelab.structure import (
 
 P = StructureConfig(
     contexts_per_source=8, min_docs_per_class=3, min_docs_per_decade=3, n_folds=3,
-    ks=(1, 2), random_draws=3, n_words=200, icl_examples=2, max_k=3, f1_jump_threshold=0.03,
+    ks=(1, 2), random_draws=3, n_words=200, words_per_prefix=1, icl_examples=2, max_k=3,
+    f1_jump_threshold=0.03,
     l1_decay=0.01, min_probe_f1=0.6, n_bootstrap=200, seed=0,
 )  # fmt: skip
 
