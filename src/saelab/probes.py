@@ -511,65 +511,108 @@ def mean_pool(acts: np.ndarray, keep: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the stage
 
 
+def letter_probe_data(
+    model: nn.Module, tokenizer: Any, cfg: PipelineConfig
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The first-letter half of ``probe_data``: the prompts (:func:`letter_prompts`), the word
+    activations (:func:`capture_prefixed`), the letter probes and their test F1.
+
+    Returns:
+        (arrays: ``word_acts [n, d_in] float32``, ``word_letter [n]``, ``word_test [n] bool``,
+        ``word_prefix [n]`` (each word's ICL group), ``letter_W [26, d_in]``, ``letter_b [26]``;
+        attributes: words, positions, per-letter counts and probe F1, wall and CPU seconds).
+    """
+    p = cfg.structure
+    wall, cpu = time.perf_counter(), time.process_time()
+    prompts = letter_prompts(tokenizer, p.n_words, p.icl_examples, 0.2, p.seed, p.words_per_prefix)
+    word_acts = capture_prefixed(model, cfg.model, prompts, cfg.cache.batch_size)
+    t_fwd, c_fwd = time.perf_counter(), time.process_time()
+    train, test = ~prompts.test, prompts.test
+    W, b = fit_letter_probes(word_acts[train], prompts.letter[train], p.seed)
+    f1 = f1_scores(word_acts[test] @ W.T + b, prompts.letter[test])
+    arrays = {
+        "word_acts": word_acts.astype(np.float32), "word_letter": prompts.letter,
+        "word_test": prompts.test, "word_prefix": prompts.prefix_of,
+        "letter_W": W, "letter_b": b,
+    }  # fmt: skip
+    attrs = {
+        "words": prompts.words,
+        "word_pos": prompts.word_pos,
+        "prompt_len": prompts.prompt_len,
+        "words_per_prefix": p.words_per_prefix,
+        "letter_counts": {c: int((prompts.letter == i).sum()) for i, c in enumerate(LETTERS)},
+        "letter_test_counts": {
+            c: int((prompts.letter[test] == i).sum()) for i, c in enumerate(LETTERS)
+        },
+        "letter_probe_f1": [None if np.isnan(v) else float(v) for v in f1],
+        "n_prompt_tokens": int(prompts.prefix_ids.size + prompts.query_ids.size),
+        "seconds": {"prompts_forward": t_fwd - wall, "letter_probes": time.perf_counter() - t_fwd},
+        "cpu_seconds": {
+            "prompts_forward": c_fwd - cpu,
+            "letter_probes": time.process_time() - c_fwd,
+        },
+    }
+    return arrays, attrs
+
+
+def write_probe_data(out: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a ``probe_data`` group to ``out`` atomically: ``attrs`` as its attributes, each of
+    ``arrays`` as an array; ``ctx_acts`` (float32) is stored as bfloat16 bits
+    (``ctx_acts_bf16``, exact after :func:`bf16_round`)."""
+    from saelab.store import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
+        for name, arr in arrays.items():
+            if name == "ctx_acts":
+                bits = torch.from_numpy(arr).to(torch.bfloat16).view(torch.uint16).numpy()
+                group.create_array("ctx_acts_bf16", data=bits, chunks=(64, *bits.shape[1:]))
+            else:
+                group.create_array(name, data=arr)
+
+
 def build_probe_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     """The ``probe_data`` stage: run the model on the probe contexts and the letter prompts,
     fit the letter probes and the raw-activation ceiling probes, write everything to ``out``
     (a zarr group, atomically). Returns its attributes (also logged)."""
     from saelab.capture import load_model, load_tokenizer, resolve_device
     from saelab.data import _tokenize, read_corpus
-    from saelab.store import atomic_dir
     from saelab.structure import probe_tasks
 
     p = cfg.structure
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tok = load_tokenizer(cfg.model)
     docs = read_corpus(cfg.data.corpus_dirs)
     ids = _tokenize([d.text for d in docs], tok)
     contexts, ctx_doc = sample_contexts(docs, ids, p.contexts_per_source, cfg.data.ctx_len)
     tasks = _tasks(docs, p, np.bincount(ctx_doc, minlength=len(docs)) > 0)
-    prompts = letter_prompts(tok, p.n_words, p.icl_examples, 0.2, p.seed, p.words_per_prefix)
     model = load_model(cfg.model, resolve_device(cfg.model.device))
-    t_model = time.perf_counter()
+    t_model, c_model = time.perf_counter(), time.process_time()
     ctx_acts = bf16_round(capture_batched(model, cfg.model, contexts, cfg.cache.batch_size))
-    t_ctx = time.perf_counter()
-    word_acts = capture_prefixed(model, cfg.model, prompts, cfg.cache.batch_size)
-    t_words = time.perf_counter()
-    factor = cfg.sae.exclude_norm_factor
-    keep = pooling_mask(ctx_acts, factor, cfg.sae.exclude_first_position)
-    W, b = fit_letter_probes(word_acts[~prompts.test], prompts.letter[~prompts.test], p.seed)
-    f1 = f1_scores(word_acts[prompts.test] @ W.T + b, prompts.letter[prompts.test])
+    keep = pooling_mask(ctx_acts, cfg.sae.exclude_norm_factor, cfg.sae.exclude_first_position)
     ceiling = probe_tasks(mean_pool(ctx_acts, keep), ctx_doc, tasks, None, p, scale=True)
+    t_ctx, c_ctx = time.perf_counter(), time.process_time()
+    arrays, attrs = letter_probe_data(model, tok, cfg)
     attrs = {
         "documents": [d.key for d in docs],
         "tasks": {t.name: t.to_json() for t in tasks},
-        "words": prompts.words,
-        "word_pos": prompts.word_pos,
-        "prompt_len": prompts.prompt_len,
-        "words_per_prefix": p.words_per_prefix,
-        "letter_counts": {c: int((prompts.letter == i).sum()) for i, c in enumerate(LETTERS)},
-        "letter_probe_f1": [None if np.isnan(v) else float(v) for v in f1],
+        **attrs,
         "raw_probe": ceiling,
         "hookpoint": cfg.model.hookpoint,
-        "seconds": {
-            "load": t_model - start,
-            "contexts_forward": t_ctx - t_model,
-            "prompts_forward": t_words - t_ctx,
-            "probes": time.perf_counter() - t_words,
-        },
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "seconds": {"load": t_model - start, "contexts": t_ctx - t_model, **attrs["seconds"]},
+        "cpu_seconds": {"load": c_model - cpu, "contexts": c_ctx - c_model, **attrs["cpu_seconds"]},
         "n_ctx_tokens": int(contexts.size),
-        "n_prompt_tokens": int(prompts.prefix_ids.size + prompts.query_ids.size),
     }
-    with atomic_dir(out) as tmp:
-        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
-        bits = torch.from_numpy(ctx_acts).to(torch.bfloat16).view(torch.uint16).numpy()  # exact
-        group.create_array("ctx_acts_bf16", data=bits, chunks=(64, *bits.shape[1:]))
-        for name, arr in (
-            ("ctx_keep", keep), ("ctx_doc", ctx_doc), ("ctx_ids", contexts),
-            ("word_acts", word_acts.astype(np.float32)), ("word_letter", prompts.letter),
-            ("word_test", prompts.test), ("letter_W", W), ("letter_b", b),
-        ):  # fmt: skip
-            group.create_array(name, data=arr)
-    log.info("probe data: %s", {k: v for k, v in attrs.items() if k in ("seconds", "raw_probe")})
+    arrays = {
+        "ctx_acts": ctx_acts,
+        "ctx_keep": keep,
+        "ctx_doc": ctx_doc,
+        "ctx_ids": contexts,
+        **arrays,
+    }
+    write_probe_data(out, attrs, arrays)
+    log.info("probe data: %s", {k: attrs[k] for k in ("seconds", "cpu_seconds", "raw_probe")})
     return attrs
 
 

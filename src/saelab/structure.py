@@ -314,6 +314,21 @@ def word_absorption(
 
 def absorption_metrics(sae: Any, data: ProbeData, p: StructureConfig) -> dict[str, float]:
     """Feature-absorption metrics of ``sae`` on the first-letter words (module docstring)."""
+    per_letter = letter_absorption(sae, data, p)
+    for c, (frac, full, n_main) in per_letter.items():
+        log.info(
+            "absorption %s: %d true positives, %d main latents, fraction %.4f, full %.4f",
+            LETTERS[c], len(frac), n_main, frac.mean(), full.mean(),
+        )  # fmt: skip
+    return _aggregate_absorption(per_letter, p)
+
+
+def letter_absorption(
+    sae: Any, data: ProbeData, p: StructureConfig
+) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    """Per scored letter (index into :data:`LETTERS`; probe F1 > ``min_probe_f1`` and at least
+    one true positive): ``(fraction [n_tp] float, full [n_tp] float 0/1, n_main_latents)`` over
+    the letter probe's true-positive test words (module docstring)."""
     from scipy.sparse import csr_matrix
 
     codes = csr_matrix(encode_eval(sae, data.word_acts).astype(np.float64))  # [n_words, d_sae]
@@ -340,7 +355,7 @@ def absorption_metrics(sae: Any, data: ProbeData, p: StructureConfig) -> dict[st
         ]
         frac, full = (np.array(v, float) for v in zip(*rows, strict=True))
         per_letter[c] = (frac, full, len(main))
-    return _aggregate_absorption(per_letter, p)
+    return per_letter
 
 
 def _aggregate_absorption(
