@@ -104,7 +104,8 @@ def tiny_params(model_dir: Path, corpus_dirs: list[str], tracking_uri: str | Non
     )  # fmt: skip
     params["evaluate"].update(n_ctx=8, batch_size=4)
     params["structure"].update(
-        contexts_per_source=12, n_words=120, icl_examples=2, ks=[1, 2], n_bootstrap=50,
+        contexts_per_source=12, n_words=120, words_per_prefix=4, icl_examples=2, ks=[1, 2],
+        n_bootstrap=50,
     )  # fmt: skip
     params["tracking"].update(tracking_uri=tracking_uri)
     return params

@@ -69,7 +69,7 @@ def test_default_params_load_and_are_frozen() -> None:
         ("variant_params.switch.balance_coef", -1.0, "switch.balance_coef must be a number >= 0"),
         ("structure.ks", [], "structure.ks must be a non-empty list of integers > 0"),
         ("structure.n_folds", 1, "structure.n_folds must be an integer >= 2"),
-        ("structure.n_words", 50, "structure.n_words must be an integer >= 10 * (structure.icl"),
+        ("structure.n_words", 50, "structure.n_words must be null or an integer >= 10"),
         ("structure.min_probe_f1", 1.0, "structure.min_probe_f1 must be a number in [0, 1)"),
         ("distributed.nproc_per_node", 0, "distributed.nproc_per_node must be an integer >= 1"),
         ("distributed.nproc_per_node", 8192, "train.batch_size must be an integer >= distrib"),

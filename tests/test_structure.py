@@ -29,7 +29,8 @@ from saelab.structure import (
 
 P = StructureConfig(
     contexts_per_source=8, min_docs_per_class=3, min_docs_per_decade=3, n_folds=3,
-    ks=(1, 2), random_draws=3, n_words=200, icl_examples=2, max_k=3, f1_jump_threshold=0.03,
+    ks=(1, 2), random_draws=3, n_words=200, words_per_prefix=1, icl_examples=2, max_k=3,
+    f1_jump_threshold=0.03,
     l1_decay=0.01, min_probe_f1=0.6, n_bootstrap=200, seed=0,
 )  # fmt: skip
 
@@ -270,3 +271,24 @@ def test_structure_stage_writes_every_metric(structure_run, variant) -> None:
         assert m["sharing_train_distinct_latents"] <= m["sharing_pool_size"] == 8 * 4
     assert m["absorption_letters"] >= 1
     assert 0.0 <= m["absorption_fraction"] <= 1.0
+
+
+@pytest.mark.slow
+def test_probe_data_stage_records_icl_groups_and_letter_counts(structure_run) -> None:
+    """probe_data writes each word's ICL group (runs of words_per_prefix = 4 words), the per-letter
+    word counts of the draw (summing to n_words = 120), the LM dtype and the CPU seconds."""
+    import zarr
+
+    from saelab.probes import read_probe_data
+
+    data = read_probe_data(structure_run / "data/probes")
+    prefix = np.asarray(zarr.open_group(str(structure_run / "data/probes"))["word_prefix"][:])
+    assert np.bincount(prefix).max() == 4 and (np.diff(prefix) >= 0).all()
+    counts = data.attrs["letter_counts"]
+    assert sum(counts.values()) == len(data.word_letter) == 120
+    assert [counts[c] for c in "abcdefghijklmnopqrstuvwxyz"] == np.bincount(
+        data.word_letter, minlength=26
+    ).tolist()
+    assert data.attrs["model_dtype"] == "float32"
+    phases = {"load", "contexts", "prompts_forward", "letter_probes"}
+    assert phases <= set(data.attrs["cpu_seconds"])

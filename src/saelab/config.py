@@ -402,7 +402,10 @@ class StructureConfig:
     n_folds: document folds (fewer when a class has fewer documents).
     ks: latents the sparse probes may use (SAEBench: 1, 2, 5; the issue adds 10, 20).
     random_draws: draws of k random latents for the random baseline.
-    n_words: first-letter words (80% train, 20% test; SAEBench: the whole vocabulary).
+    n_words: first-letter words (80% train, 20% test), None: the whole single-token alphabetic
+        vocabulary (SAEBench).
+    words_per_prefix: words of a split sharing one draw of ICL examples, their prompts run on
+        one KV cache of it (1: SAEBench's independent draw per word).
     icl_examples: ICL examples per first-letter prompt (SAEBench: 10).
     max_k: largest k of the letter k-sparse probes (SAEBench max_k_value 10).
     f1_jump_threshold: F1 gain that adds a main latent (SAEBench 0.03).
@@ -418,7 +421,8 @@ class StructureConfig:
     n_folds: int
     ks: tuple[int, ...]
     random_draws: int
-    n_words: int
+    n_words: int | None
+    words_per_prefix: int
     icl_examples: int
     max_k: int
     f1_jump_threshold: float
@@ -428,7 +432,10 @@ class StructureConfig:
     seed: int
 
     def validate(self) -> None:
-        for key in ("contexts_per_source", "random_draws", "max_k", "n_bootstrap", "icl_examples"):
+        for key in (
+            "contexts_per_source", "random_draws", "max_k", "n_bootstrap", "icl_examples",
+            "words_per_prefix",
+        ):  # fmt: skip
             _require(getattr(self, key) > 0, f"structure.{key}", "an integer > 0")
         for key in ("min_docs_per_class", "min_docs_per_decade"):
             _require(getattr(self, key) >= 2, f"structure.{key}", "an integer >= 2")
@@ -437,9 +444,12 @@ class StructureConfig:
             len(self.ks) > 0 and all(k > 0 for k in self.ks), "structure.ks",
             "a non-empty list of integers > 0",
         )  # fmt: skip
+        group = self.icl_examples + self.words_per_prefix
         _require(
-            self.n_words >= 10 * (self.icl_examples + 1), "structure.n_words",
-            "an integer >= 10 * (structure.icl_examples + 1) (each 80/20 split needs examples)",
+            self.n_words is None or self.n_words >= 10 * group,
+            "structure.n_words",
+            "null or an integer >= 10 * (structure.icl_examples + structure.words_per_prefix)"
+            " (each 80/20 split needs a group's examples)",
         )  # fmt: skip
         for key in ("f1_jump_threshold", "l1_decay"):
             _require(getattr(self, key) >= 0, f"structure.{key}", "a number >= 0")

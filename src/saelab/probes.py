@@ -29,16 +29,29 @@ the cached activations):
 
 * **First-letter prompts** (SAEBench ``absorption``; Chanin et al. 2024, sec. 3). The vocabulary
   is every token whose text, one leading space allowed, is ASCII letters only (SAEBench's
-  ``get_alpha_tokens``), ``n_words`` of them drawn (seeded), split 80/20 into train and test
-  words (``create_dataset_probe_training``: ``train_test_fraction`` 0.8). One ICL prompt per
-  word with ``icl_examples`` (SAEBench: 10) examples drawn from the same split's words, the word
-  itself excluded, in SAEBench's template ``"{word} has the first letter:"`` with the answer
-  ``" X"`` (capitalised first letter) and ``"\\n"`` before every example
+  ``get_alpha_tokens``; 47,078 tokens for SmolLM2's tokenizer), all of them (``n_words`` null,
+  as SAEBench) or ``n_words`` drawn (seeded), shuffled and split 80/20 into train and test words
+  (``create_dataset_probe_training``: ``train_test_fraction`` 0.8). One ICL prompt per word with
+  ``icl_examples`` (SAEBench: 10) examples drawn from the same split's words, the word itself
+  excluded, in SAEBench's template ``"{word} has the first letter:"`` with the answer ``" X"``
+  (capitalised first letter) and ``"\\n"`` before every example
   (``prepend_separator_to_first_example``); the activation is read at the query word's token,
   6th from the end. Departure: the prompt is built from token ids, the word's own token
   concatenated with the tokenized pieces, so the word is always that one token at a known
   position and every prompt has the same length (SAEBench tokenizes the string and assumes both).
   Our model has no BOS; the prompt's first token (``"\\n"``) is the sink.
+
+  Departure (cost): SAEBench draws the examples independently for every word; here every
+  ``words_per_prefix`` consecutive words of a split (the shuffled order) share one draw, made
+  from the split's words outside the group, so each word's prompt is still a uniform draw of
+  examples that excludes it, but words of a group are correlated. The shared prefix runs once,
+  filling a KV cache of the layers below the hookpoint; each word then runs only its two query
+  tokens (separator, word) on it (:func:`capture_prefixed`). The tokens after the word
+  (``" has the first letter:"``) cannot change a causal LM's activation at the word and are not
+  run. The activations equal the full prompts' forward (tested); per word this is
+  ``prefix_len / words_per_prefix + 2`` tokens of forward instead of the prompt's 87, which is
+  what makes the whole vocabulary affordable. Measured effect of the sharing on the letter probes
+  and the absorption metrics: ``docs/performance.md`` ("First-letter prompts").
 
   The letter probes: one logistic regression per letter (one-vs-rest, ``class_weight=
   'balanced'``), scikit-learn's, on the train words' activations divided by their RMS norm
@@ -67,7 +80,7 @@ import torch
 import zarr
 from torch import nn
 
-from saelab.config import PipelineConfig
+from saelab.config import ModelConfig, PipelineConfig
 from saelab.data import Document
 
 log = logging.getLogger(__name__)
@@ -233,14 +246,39 @@ def alpha_vocab(tokenizer: Any) -> list[tuple[int, str]]:
 
 @dataclass(frozen=True)
 class LetterPrompts:
-    """ids ``[n, seq] int64`` prompts; word_pos: index of the query word's token; words,
-    letter ``[n] int64`` (index into :data:`LETTERS`), test ``[n] bool``."""
+    """First-letter ICL prompts, words sharing an ICL prefix grouped (module docstring).
 
-    ids: np.ndarray
-    word_pos: int
+    prefix_ids: ``[n_prefix, prefix_len] int64`` the ICL examples of each group; prefix_of:
+    ``[n] int64`` each word's prefix (non-decreasing: a group is a run of words); query_ids:
+    ``[n, q] int64`` the separator then the word's own token (last); suffix_ids: ``[s] int64`` the
+    template's rest (``" has the first letter:"``); words; letter ``[n] int64`` (index into
+    :data:`LETTERS`); test ``[n] bool``. Word i's SAEBench prompt is ``prefix_ids[prefix_of[i]]
+    + query_ids[i] + suffix_ids`` (:meth:`full_ids`), its activation read at :attr:`word_pos`.
+    """
+
+    prefix_ids: np.ndarray
+    prefix_of: np.ndarray
+    query_ids: np.ndarray
+    suffix_ids: np.ndarray
     words: list[str]
     letter: np.ndarray
     test: np.ndarray
+
+    @property
+    def word_pos(self) -> int:
+        """Index of the query word's token in the full prompt."""
+        return self.prefix_ids.shape[1] + self.query_ids.shape[1] - 1
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of a full prompt."""
+        return self.word_pos + 1 + len(self.suffix_ids)
+
+    def full_ids(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """``[len(rows), prompt_len] int64``: the full prompts of ``rows``."""
+        prefix = self.prefix_ids[self.prefix_of[rows]]
+        suffix = np.broadcast_to(self.suffix_ids, (len(prefix), len(self.suffix_ids)))
+        return np.concatenate([prefix, self.query_ids[rows], suffix], axis=1)
 
 
 def first_letter(word: str) -> str:
@@ -248,46 +286,70 @@ def first_letter(word: str) -> str:
     return " " + word.strip()[0].upper()
 
 
+def _icl_groups(
+    lo: int, hi: int, per_prefix: int, icl_examples: int, rng: np.random.Generator
+) -> list[tuple[range, np.ndarray]]:
+    """Words ``lo..hi`` (one split, in the draw's order) in runs of ``per_prefix``, each run with
+    ``icl_examples`` example indices drawn uniformly without replacement from the split's other
+    words (a draw of ``icl_examples + run`` indices, the run's own dropped, the first kept)."""
+    out = []
+    for g0 in range(lo, hi, per_prefix):
+        group = range(g0, min(g0 + per_prefix, hi))
+        draw = lo + rng.choice(hi - lo, min(hi - lo, icl_examples + len(group)), replace=False)
+        out.append((group, draw[(draw < group.start) | (draw >= group.stop)][:icl_examples]))
+    return out
+
+
 def letter_prompts(
-    tokenizer: Any, n_words: int, icl_examples: int, test_fraction: float, seed: int
+    tokenizer: Any,
+    n_words: int | None,
+    icl_examples: int,
+    test_fraction: float,
+    seed: int,
+    per_prefix: int = 1,
 ) -> LetterPrompts:
-    """``n_words`` single-token words (seeded draw from :func:`alpha_vocab`), the last
-    ``test_fraction`` of the shuffled draw as test words, one ICL prompt each (module docstring).
+    """``n_words`` single-token words (seeded draw from :func:`alpha_vocab`; None: all of them,
+    shuffled), the last ``test_fraction`` of the draw as test words, one ICL prompt each, every
+    ``per_prefix`` consecutive words of a split sharing their ``icl_examples`` examples (module
+    docstring; 1: SAEBench's independent draw per word).
 
     Raises:
         ValueError: fewer than ``n_words`` alphabetic tokens, or a split too small for
-            ``icl_examples`` examples.
+            ``icl_examples`` examples besides a group.
     """
     vocab = alpha_vocab(tokenizer)
+    n_words = len(vocab) if n_words is None else n_words
     if len(vocab) < n_words:
         raise ValueError(f"letter_prompts: only {len(vocab)} alphabetic tokens, {n_words} asked")
     rng = np.random.default_rng(seed)
     chosen = [vocab[i] for i in rng.choice(len(vocab), n_words, replace=False)]
     n_train = int(n_words * (1 - test_fraction))
-    if min(n_train, n_words - n_train) <= icl_examples:
-        raise ValueError("letter_prompts: each split needs more words than icl_examples")
+    if min(n_train, n_words - n_train) < icl_examples + per_prefix:
+        raise ValueError("letter_prompts: each split needs icl_examples + per_prefix words")
 
     def ids_of(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     sep, suffix = ids_of(EXAMPLE_SEPARATOR), ids_of(PROMPT_TEMPLATE.format(word=""))
     answer = {c: ids_of(" " + c.upper()) for c in LETTERS}
-    rows = []
-    for i, (tid, _word) in enumerate(chosen):
-        split = range(0, n_train) if i < n_train else range(n_train, n_words)
-        others = [j for j in split if j != i]
-        prompt: list[int] = []
-        for j in rng.choice(others, icl_examples, replace=False):
-            ex_tid, ex_word = chosen[j]
-            prompt += sep + [ex_tid] + suffix + answer[first_letter(ex_word).strip().lower()]
-        rows.append(prompt + sep + [tid] + suffix)
+    prefixes, prefix_of = [], np.zeros(n_words, np.int64)
+    for lo, hi in ((0, n_train), (n_train, n_words)):
+        for group, examples in _icl_groups(lo, hi, per_prefix, icl_examples, rng):
+            prompt: list[int] = []
+            for j in examples:
+                ex_tid, ex_word = chosen[j]
+                prompt += sep + [ex_tid] + suffix + answer[first_letter(ex_word).strip().lower()]
+            prefix_of[group.start : group.stop] = len(prefixes)
+            prefixes.append(prompt)
     letter = np.array([LETTERS.index(first_letter(w).strip().lower()) for _, w in chosen])
     return LetterPrompts(
-        np.asarray(rows, dtype=np.int64),
-        len(rows[0]) - 1 - len(suffix),
-        [w for _, w in chosen],
-        letter,
-        np.arange(n_words) >= n_train,
+        prefix_ids=np.asarray(prefixes, dtype=np.int64),
+        prefix_of=prefix_of,
+        query_ids=np.asarray([sep + [tid] for tid, _ in chosen], dtype=np.int64),
+        suffix_ids=np.asarray(suffix, dtype=np.int64),
+        words=[w for _, w in chosen],
+        letter=letter,
+        test=np.arange(n_words) >= n_train,
     )
 
 
@@ -336,7 +398,7 @@ def f1_scores(scores: np.ndarray, letter: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def capture_batched(
-    model: nn.Module, cfg: PipelineConfig, ids: np.ndarray, batch: int, pos: int | None = None
+    model: nn.Module, cfg: ModelConfig, ids: np.ndarray, batch: int, pos: int | None = None
 ) -> np.ndarray:
     """Residual stream at the hookpoint for ``ids [n, seq]``: ``[n, seq, d_in]`` float32, or
     ``[n, d_in]`` at position ``pos`` only. Truncated forward (:func:`capture_resid`)."""
@@ -346,8 +408,77 @@ def capture_batched(
     out = []
     for i in range(0, len(ids), batch):
         x = torch.from_numpy(ids[i : i + batch].astype(np.int64)).to(device)
-        resid = capture_resid(model, cfg.model, x).float()
+        resid = capture_resid(model, cfg, x).float()
         out.append((resid if pos is None else resid[:, pos]).cpu().numpy())
+    return np.concatenate(out)
+
+
+class _Stop(Exception):
+    """Raised by the hook to end a forward pass at the hookpoint."""
+
+
+def _truncated_forward(model: nn.Module, cfg: ModelConfig, ids: torch.Tensor, **kwargs: Any):
+    """Residual ``[batch, seq, d_in]`` (model dtype) at the hookpoint; the forward stops there
+    (as :func:`saelab.capture.capture_resid`), ``kwargs`` passed to it (a KV cache)."""
+    from saelab.capture import hook_resid
+
+    captured: list[torch.Tensor] = []
+
+    def grab(resid: torch.Tensor) -> None:
+        captured.append(resid.detach())
+        raise _Stop
+
+    with hook_resid(model, cfg, grab):
+        try:
+            model(input_ids=ids, **kwargs)
+        except _Stop:
+            pass
+    if not captured:
+        raise RuntimeError(f"hookpoint {cfg.hookpoint} was not reached in the forward pass")
+    return captured[0]
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def capture_prefixed(
+    model: nn.Module, cfg: ModelConfig, prompts: LetterPrompts, batch: int, query_rows: int = 256
+) -> np.ndarray:
+    """``[n_words, d_in]`` float32: the residual stream at the hookpoint at each word's token of
+    its full prompt, computed once per shared prefix. Each batch of ``batch`` prefixes runs to the
+    hookpoint filling a KV cache of the layers below it (a transformers ``DynamicCache``, sliding
+    windows included); then ``query_rows`` words at a time run only their query tokens
+    (separator + word) on a copy of the cache, its rows selected to their prefixes. Exact (up to
+    float rounding) against :func:`capture_batched` on :meth:`LetterPrompts.full_ids` at
+    ``word_pos``: a causal LM's activation at a position depends on that position and the ones
+    before it only, and these are the same tokens at the same positions.
+    """
+    import copy
+
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    key = _cache_kwarg(model)
+    n_prefix = len(prompts.prefix_ids)
+    starts = np.searchsorted(prompts.prefix_of, np.arange(n_prefix + 1))  # rows of each prefix
+    out = []
+    for p0 in range(0, n_prefix, batch):
+        p1 = min(p0 + batch, n_prefix)
+        cache = DynamicCache(config=model.config)
+        ids = torch.from_numpy(prompts.prefix_ids[p0:p1]).to(device)
+        _truncated_forward(model, cfg, ids, **{key: cache, "use_cache": True})
+        for r0 in range(starts[p0], starts[p1], query_rows):
+            r1 = min(r0 + query_rows, starts[p1])
+            sub = copy.deepcopy(cache)  # the query's forward appends to it
+            sub.batch_select_indices(torch.from_numpy(prompts.prefix_of[r0:r1] - p0).to(device))
+            q = torch.from_numpy(prompts.query_ids[r0:r1]).to(device)
+            resid = _truncated_forward(model, cfg, q, **{key: sub, "use_cache": True})
+            out.append(resid[:, -1].float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -380,63 +511,108 @@ def mean_pool(acts: np.ndarray, keep: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the stage
 
 
+def letter_probe_data(
+    model: nn.Module, tokenizer: Any, cfg: PipelineConfig
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The first-letter half of ``probe_data``: the prompts (:func:`letter_prompts`), the word
+    activations (:func:`capture_prefixed`), the letter probes and their test F1.
+
+    Returns:
+        (arrays: ``word_acts [n, d_in] float32``, ``word_letter [n]``, ``word_test [n] bool``,
+        ``word_prefix [n]`` (each word's ICL group), ``letter_W [26, d_in]``, ``letter_b [26]``;
+        attributes: words, positions, per-letter counts and probe F1, wall and CPU seconds).
+    """
+    p = cfg.structure
+    wall, cpu = time.perf_counter(), time.process_time()
+    prompts = letter_prompts(tokenizer, p.n_words, p.icl_examples, 0.2, p.seed, p.words_per_prefix)
+    word_acts = capture_prefixed(model, cfg.model, prompts, cfg.cache.batch_size)
+    t_fwd, c_fwd = time.perf_counter(), time.process_time()
+    train, test = ~prompts.test, prompts.test
+    W, b = fit_letter_probes(word_acts[train], prompts.letter[train], p.seed)
+    f1 = f1_scores(word_acts[test] @ W.T + b, prompts.letter[test])
+    arrays = {
+        "word_acts": word_acts.astype(np.float32), "word_letter": prompts.letter,
+        "word_test": prompts.test, "word_prefix": prompts.prefix_of,
+        "letter_W": W, "letter_b": b,
+    }  # fmt: skip
+    attrs = {
+        "words": prompts.words,
+        "word_pos": prompts.word_pos,
+        "prompt_len": prompts.prompt_len,
+        "words_per_prefix": p.words_per_prefix,
+        "letter_counts": {c: int((prompts.letter == i).sum()) for i, c in enumerate(LETTERS)},
+        "letter_test_counts": {
+            c: int((prompts.letter[test] == i).sum()) for i, c in enumerate(LETTERS)
+        },
+        "letter_probe_f1": [None if np.isnan(v) else float(v) for v in f1],
+        "n_prompt_tokens": int(prompts.prefix_ids.size + prompts.query_ids.size),
+        "seconds": {"prompts_forward": t_fwd - wall, "letter_probes": time.perf_counter() - t_fwd},
+        "cpu_seconds": {
+            "prompts_forward": c_fwd - cpu,
+            "letter_probes": time.process_time() - c_fwd,
+        },
+    }
+    return arrays, attrs
+
+
+def write_probe_data(out: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a ``probe_data`` group to ``out`` atomically: ``attrs`` as its attributes, each of
+    ``arrays`` as an array; ``ctx_acts`` (float32) is stored as bfloat16 bits
+    (``ctx_acts_bf16``, exact after :func:`bf16_round`)."""
+    from saelab.store import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
+        for name, arr in arrays.items():
+            if name == "ctx_acts":
+                bits = torch.from_numpy(arr).to(torch.bfloat16).view(torch.uint16).numpy()
+                group.create_array("ctx_acts_bf16", data=bits, chunks=(64, *bits.shape[1:]))
+            else:
+                group.create_array(name, data=arr)
+
+
 def build_probe_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     """The ``probe_data`` stage: run the model on the probe contexts and the letter prompts,
     fit the letter probes and the raw-activation ceiling probes, write everything to ``out``
     (a zarr group, atomically). Returns its attributes (also logged)."""
     from saelab.capture import load_model, load_tokenizer, resolve_device
     from saelab.data import _tokenize, read_corpus
-    from saelab.store import atomic_dir
     from saelab.structure import probe_tasks
 
     p = cfg.structure
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tok = load_tokenizer(cfg.model)
     docs = read_corpus(cfg.data.corpus_dirs)
     ids = _tokenize([d.text for d in docs], tok)
     contexts, ctx_doc = sample_contexts(docs, ids, p.contexts_per_source, cfg.data.ctx_len)
     tasks = _tasks(docs, p, np.bincount(ctx_doc, minlength=len(docs)) > 0)
-    prompts = letter_prompts(tok, p.n_words, p.icl_examples, 0.2, p.seed)
     model = load_model(cfg.model, resolve_device(cfg.model.device))
-    t_model = time.perf_counter()
-    ctx_acts = bf16_round(capture_batched(model, cfg, contexts, cfg.cache.batch_size))
-    t_ctx = time.perf_counter()
-    word_acts = capture_batched(model, cfg, prompts.ids, cfg.cache.batch_size, prompts.word_pos)
-    t_words = time.perf_counter()
-    factor = cfg.sae.exclude_norm_factor
-    keep = pooling_mask(ctx_acts, factor, cfg.sae.exclude_first_position)
-    W, b = fit_letter_probes(word_acts[~prompts.test], prompts.letter[~prompts.test], p.seed)
-    f1 = f1_scores(word_acts[prompts.test] @ W.T + b, prompts.letter[prompts.test])
+    t_model, c_model = time.perf_counter(), time.process_time()
+    ctx_acts = bf16_round(capture_batched(model, cfg.model, contexts, cfg.cache.batch_size))
+    keep = pooling_mask(ctx_acts, cfg.sae.exclude_norm_factor, cfg.sae.exclude_first_position)
     ceiling = probe_tasks(mean_pool(ctx_acts, keep), ctx_doc, tasks, None, p, scale=True)
+    t_ctx, c_ctx = time.perf_counter(), time.process_time()
+    arrays, attrs = letter_probe_data(model, tok, cfg)
     attrs = {
         "documents": [d.key for d in docs],
         "tasks": {t.name: t.to_json() for t in tasks},
-        "words": prompts.words,
-        "word_pos": prompts.word_pos,
-        "prompt_len": int(prompts.ids.shape[1]),
-        "letter_probe_f1": [None if np.isnan(v) else float(v) for v in f1],
+        **attrs,
         "raw_probe": ceiling,
         "hookpoint": cfg.model.hookpoint,
-        "seconds": {
-            "load": t_model - start,
-            "contexts_forward": t_ctx - t_model,
-            "prompts_forward": t_words - t_ctx,
-            "probes": time.perf_counter() - t_words,
-        },
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "seconds": {"load": t_model - start, "contexts": t_ctx - t_model, **attrs["seconds"]},
+        "cpu_seconds": {"load": c_model - cpu, "contexts": c_ctx - c_model, **attrs["cpu_seconds"]},
         "n_ctx_tokens": int(contexts.size),
-        "n_prompt_tokens": int(prompts.ids.size),
     }
-    with atomic_dir(out) as tmp:
-        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
-        bits = torch.from_numpy(ctx_acts).to(torch.bfloat16).view(torch.uint16).numpy()  # exact
-        group.create_array("ctx_acts_bf16", data=bits, chunks=(64, *bits.shape[1:]))
-        for name, arr in (
-            ("ctx_keep", keep), ("ctx_doc", ctx_doc), ("ctx_ids", contexts),
-            ("word_acts", word_acts.astype(np.float32)), ("word_letter", prompts.letter),
-            ("word_test", prompts.test), ("letter_W", W), ("letter_b", b),
-        ):  # fmt: skip
-            group.create_array(name, data=arr)
-    log.info("probe data: %s", {k: v for k, v in attrs.items() if k in ("seconds", "raw_probe")})
+    arrays = {
+        "ctx_acts": ctx_acts,
+        "ctx_keep": keep,
+        "ctx_doc": ctx_doc,
+        "ctx_ids": contexts,
+        **arrays,
+    }
+    write_probe_data(out, attrs, arrays)
+    log.info("probe data: %s", {k: attrs[k] for k in ("seconds", "cpu_seconds", "raw_probe")})
     return attrs
 
 

@@ -245,28 +245,32 @@ def context_codes(sae: Any, data: ProbeData) -> np.ndarray:
 
 
 def main_latents(
-    codes_train: np.ndarray,
+    codes_train: Any,
     y_train: np.ndarray,
-    codes_test: np.ndarray,
+    codes_test: Any,
     y_test: np.ndarray,
     p: StructureConfig,
 ) -> list[int]:
     """The letter's main latents (module docstring; SAEBench ``train_k_sparse_probes`` +
-    ``add_feature_splits_to_metrics_df``). codes: ``[n, d_sae]``; y: ``[n] bool``."""
-    from scipy.sparse import csr_matrix
+    ``add_feature_splits_to_metrics_df``). codes: ``[n, d_sae]`` float, dense or a scipy CSR
+    matrix (converted once per call otherwise); y: ``[n] bool``."""
+    from scipy.sparse import csr_matrix, issparse
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
+    codes_train = codes_train if issparse(codes_train) else csr_matrix(codes_train)
+    codes_test = codes_test if issparse(codes_test) else csr_matrix(codes_test)
     l1 = LogisticRegression(
         l1_ratio=1.0, solver="liblinear", C=1.0 / (p.l1_decay * len(y_train)),
         class_weight="balanced", random_state=p.seed,
-    ).fit(csr_matrix(codes_train), y_train)  # fmt: skip
+    ).fit(codes_train, y_train)  # fmt: skip
     order = np.argsort(-l1.coef_[0], kind="stable")
     best, feats = -100.0, []
     for k in range(1, p.max_k + 1):
         ids = order[:k]
         lr = LogisticRegression(max_iter=500, class_weight="balanced")
-        score = lr.fit(codes_train[:, ids], y_train).decision_function(codes_test[:, ids])
+        lr.fit(codes_train[:, ids].toarray(), y_train)
+        score = lr.decision_function(codes_test[:, ids].toarray())
         f1 = f1_score(y_test, score > 0, zero_division=0.0)
         if f1 <= best + p.f1_jump_threshold:
             break
@@ -310,8 +314,26 @@ def word_absorption(
 
 def absorption_metrics(sae: Any, data: ProbeData, p: StructureConfig) -> dict[str, float]:
     """Feature-absorption metrics of ``sae`` on the first-letter words (module docstring)."""
-    codes = encode_eval(sae, data.word_acts).astype(np.float64)
+    per_letter = letter_absorption(sae, data, p)
+    for c, (frac, full, n_main) in per_letter.items():
+        log.info(
+            "absorption %s: %d true positives, %d main latents, fraction %.4f, full %.4f",
+            LETTERS[c], len(frac), n_main, frac.mean(), full.mean(),
+        )  # fmt: skip
+    return _aggregate_absorption(per_letter, p)
+
+
+def letter_absorption(
+    sae: Any, data: ProbeData, p: StructureConfig
+) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    """Per scored letter (index into :data:`LETTERS`; probe F1 > ``min_probe_f1`` and at least
+    one true positive): ``(fraction [n_tp] float, full [n_tp] float 0/1, n_main_latents)`` over
+    the letter probe's true-positive test words (module docstring)."""
+    from scipy.sparse import csr_matrix
+
+    codes = csr_matrix(encode_eval(sae, data.word_acts).astype(np.float64))  # [n_words, d_sae]
     test, letter = data.word_test, data.word_letter
+    codes_train, codes_test = codes[np.flatnonzero(~test)], codes[np.flatnonzero(test)]
     W_dec = sae.W_dec.detach().double().numpy()  # [d_sae, d_in]
     dec_norm = np.linalg.norm(W_dec, axis=1).clip(1e-12)
     scores = data.word_acts @ data.letter_W.T + data.letter_b  # [n_words, 26]
@@ -322,17 +344,18 @@ def absorption_metrics(sae: Any, data: ProbeData, p: StructureConfig) -> dict[st
         tp = np.flatnonzero(test & (letter == c) & (scores[:, c] > 0))
         if len(tp) == 0:
             continue
-        main = main_latents(codes[~test], letter[~test] == c, codes[test], letter[test] == c, p)
+        main = main_latents(codes_train, letter[~test] == c, codes_test, letter[test] == c, p)
         direction = data.letter_W[c] / np.linalg.norm(data.letter_W[c])
         dec_proj = W_dec @ direction
         cos = dec_proj / dec_norm
+        tp_codes = codes[tp].toarray()
         rows = [
-            word_absorption(codes[i], float(data.word_acts[i] @ direction), dec_proj, cos, main)
-            for i in tp
+            word_absorption(a, float(data.word_acts[i] @ direction), dec_proj, cos, main)
+            for a, i in zip(tp_codes, tp, strict=True)
         ]
         frac, full = (np.array(v, float) for v in zip(*rows, strict=True))
         per_letter[c] = (frac, full, len(main))
-    return _aggregate_absorption(per_letter, p)
+    return per_letter
 
 
 def _aggregate_absorption(
