@@ -67,11 +67,15 @@ def test_task_means_averages_only_complete_ks() -> None:
 
 def test_exp_commits_and_params_overlay(tmp_path: Path) -> None:
     """Experiments are found by name (queue refs skipped); their params.yaml is read at the
-    experiment's commit, keys added to params.yaml since then come from the workspace."""
-    shas = _repo_with_exps(tmp_path, {"a-k16": _old_params(k=16), "b": _old_params()})
+    experiment's commit, keys added to params.yaml since then come from the workspace, and the
+    structure section (the measurement's settings) is the workspace's."""
+    old = _old_params(k=16)
+    old["structure"] = {**old["structure"], "random_draws": 7}  # the run's structure: not used
+    shas = _repo_with_exps(tmp_path, {"a-k16": old, "b": _old_params()})
     assert exp_commits(tmp_path) == shas
     raw, cfg = exp_params(shas["a-k16"], WORKSPACE, tmp_path)
     assert cfg.k == 16 and raw["k"] == 16
+    assert raw["structure"] == WORKSPACE["structure"]  # measured with the workspace's settings
     assert raw["variant_params"]["matryoshka"] == WORKSPACE["variant_params"]["matryoshka"]
     assert cfg.variant_params.sampled.l == WORKSPACE["variant_params"]["sampled"]["l"]
     with pytest.raises(ConfigError, match="has no params.yaml"):
@@ -79,8 +83,8 @@ def test_exp_commits_and_params_overlay(tmp_path: Path) -> None:
 
 
 def test_shared_inputs_must_match_the_workspace() -> None:
-    """A run may differ in d_sae and anything outside the shared sections; a different model,
-    cache or structure setting names the key and both values."""
+    """A run may differ in d_sae and anything outside the shared sections; a different model
+    or cache setting names the key and both values."""
     run = yaml.safe_load(yaml.safe_dump(WORKSPACE))
     run["sae"]["d_sae"] = 9216
     run["k"] = 16
@@ -103,7 +107,8 @@ def test_structure_rows_measure_each_run_under_its_own_params(tmp_path, monkeypa
         {"s-l4": _old_params(variant_params={**_old_params()["variant_params"],
                                               "sampled": {"l": 4, "score": "l2",
                                                           "pool": "sample", "seed": 1}}),
-         "other-model": _old_params(model={**WORKSPACE["model"], "hookpoint": "blocks.3.hook_resid_pre"})},
+         "other-model": _old_params(model={**WORKSPACE["model"],
+                                           "hookpoint": "blocks.3.hook_resid_pre"})},
     )  # fmt: skip
     fetched = []
 

@@ -5,8 +5,9 @@ structure stages would re-run ``probe_data`` in every experiment's temporary cop
 measures them afterwards, from what each experiment committed: its SAE (``models/<variant>``, a
 DVC output held in the local DVC cache, fetched with ``dvc get --rev``) and its ``params.yaml``
 (``git show``), against the workspace's ``probe_data`` output and eval activations. Those are
-the same for every run of a study as long as the study does not override ``data``, ``model``,
-``cache`` or ``structure`` params (checked: :func:`check_shared_inputs`). The metrics are
+the same for every run of a study as long as the study does not override ``data``, ``model`` or
+``cache`` params (checked: :func:`check_shared_inputs`); every run is measured with the
+workspace's ``structure`` settings. The metrics are
 :func:`saelab.structure.run_structure`'s (sparse probing, absorption, feature sharing), merged
 into the run's row of ``runs.csv``, with ``structure_probes`` naming the probe data's DVC hash.
 
@@ -31,9 +32,11 @@ from saelab.study import scalar_metrics
 
 log = logging.getLogger(__name__)
 
-SHARED_SECTIONS = ("data", "model", "cache", "structure", "sae")
+SHARED_SECTIONS = ("data", "model", "cache", "sae")
 """params.yaml sections that must equal the workspace's for the workspace's probe data and eval
-activations to be the run's (``sae.d_sae`` may differ: it is compared without it)."""
+activations to be the run's (``sae.d_sae`` may differ: it is compared without it). The
+``structure`` section is the measurement's, not the run's: every run is measured with the
+workspace's (:func:`exp_params`), the settings the probe data was built with."""
 
 
 def exp_commits(cwd: str | Path = ".") -> dict[str, str]:
@@ -71,8 +74,9 @@ def exp_params(
     commit: str, workspace: Mapping[str, Any], cwd: str | Path = "."
 ) -> tuple[dict[str, Any], PipelineConfig]:
     """The experiment's ``params.yaml`` at ``commit`` over ``workspace`` (the workspace's params
-    as a mapping, which fills keys added to params.yaml since the experiment ran): the merged
-    mapping and its validated config.
+    as a mapping, which fills keys added to params.yaml since the experiment ran), with the
+    workspace's ``structure`` section (the measurement's settings): the merged mapping and its
+    validated config.
 
     Raises:
         ConfigError: the file is missing at that commit or the merged params are invalid.
@@ -83,6 +87,7 @@ def exp_params(
     if shown.returncode != 0:
         raise ConfigError(f"params: experiment commit {commit} has no params.yaml")
     raw = _overlay(workspace, yaml.safe_load(shown.stdout))
+    raw["structure"] = workspace["structure"]
     return raw, parse_params(raw)
 
 
