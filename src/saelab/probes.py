@@ -67,7 +67,7 @@ import torch
 import zarr
 from torch import nn
 
-from saelab.config import PipelineConfig
+from saelab.config import PipelineConfig, resolve_model
 from saelab.data import Document
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,8 @@ def build_probe_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     contexts, ctx_doc = sample_contexts(docs, ids, p.contexts_per_source, cfg.data.ctx_len)
     tasks = _tasks(docs, p, np.bincount(ctx_doc, minlength=len(docs)) > 0)
     prompts = letter_prompts(tok, p.n_words, p.icl_examples, 0.2, p.seed)
-    model = load_model(cfg.model, resolve_device(cfg.model.device))
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model, device)
     t_model = time.perf_counter()
     ctx_acts = bf16_round(capture_batched(model, cfg, contexts, cfg.cache.batch_size))
     t_ctx = time.perf_counter()
@@ -417,6 +418,7 @@ def build_probe_data(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         "letter_probe_f1": [None if np.isnan(v) else float(v) for v in f1],
         "raw_probe": ceiling,
         "hookpoint": cfg.model.hookpoint,
+        "model_dtype": resolve_model(cfg.model, device).dtype,
         "seconds": {
             "load": t_model - start,
             "contexts_forward": t_ctx - t_model,
