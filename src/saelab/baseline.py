@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from saelab.capture import dtype_name
 from saelab.config import (
     ConfigError,
     InputError,

@@ -100,7 +100,7 @@ from saelab.baseline import (
     token_ce,
     token_losses,
 )
-from saelab.capture import Replacement, splice_fn
+from saelab.capture import Replacement, resolve_device, splice_fn
 from saelab.config import (
     ConfigError,
     InputError,
@@ -529,7 +529,8 @@ def check_consistency(
     sae_dir: Path | None = None,
 ) -> None:
     """Raise ConfigError (one line naming both sides) unless the SAE, the cached eval
-    activations, the baseline and the params agree on the model, the hookpoint, d_in
+    activations, the baseline and the params agree on the model, the hookpoint, the LM's dtype
+    (``cfg.model`` resolved: :func:`open_evaluation`), d_in
     (:func:`saelab.config.check_provenance`), the sink norm and the evaluated contexts, before
     any work. ``evaluate.n_ctx`` beyond the cached contexts is an error of
     :func:`~saelab.baseline.eval_contexts`."""
@@ -586,7 +587,6 @@ def open_evaluation(
             SAE, the store, the baseline and the params disagree (:func:`check_consistency`), or
             ``evaluate.n_ctx`` exceeds the cached contexts.
     """
-    from saelab.capture import resolve_device
     from saelab.data import read_tokens
 
     device = resolve_device(cfg.model.device)
