@@ -91,9 +91,10 @@ def tiny_params(model_dir: Path, corpus_dirs: list[str], tracking_uri: str | Non
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["k"] = 8
     params["data"].update(corpus_dirs=corpus_dirs, ctx_len=32, eval_fraction=0.25)
-    params["model"].update(
-        name_or_path=str(model_dir), gguf_file=None, hookpoint="blocks.2.hook_resid_pre"
-    )
+    params["model"].update(  # dtype fixed: model.dtype auto would depend on the CPU
+        name_or_path=str(model_dir), gguf_file=None, hookpoint="blocks.2.hook_resid_pre",
+        dtype="float32",
+    )  # fmt: skip
     params["cache"].update(
         max_train_tokens=4096, max_eval_tokens=1024, batch_size=8, chunk_tokens=1024
     )

@@ -8,7 +8,13 @@ import pytest
 import yaml
 
 from saelab.capture import check_hookpoint
-from saelab.config import ConfigError, load_params, parse_params
+from saelab.config import (
+    ConfigError,
+    load_params,
+    parse_params,
+    resolve_model,
+    resolve_model_dtype,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -45,7 +51,7 @@ def test_default_params_load_and_are_frozen() -> None:
         ("model.hookpoint", "blocks.15.mlp_out", "model.hookpoint must be blocks.<layer>"),
         ("model.name_or_path", "./no/such/model", "model.name_or_path must be an existing dir"),
         ("model.gguf_file", "missing.gguf", "model.gguf_file must be a file inside"),
-        ("model.dtype", "float8", "model.dtype must be one of float32, bfloat16, float16"),
+        ("model.dtype", "float8", "model.dtype must be one of auto, float32, bfloat16, float16"),
         ("data.corpus_dirs", ["/no/such/corpus"], "data.corpus_dirs must be existing dir"),
         ("data.corpus_dirs", [], "data.corpus_dirs must be a non-empty list"),
         ("data.eval_fraction", 1.5, "data.eval_fraction must be a number in (0, 1)"),
@@ -229,3 +235,41 @@ def test_recorded_paths_are_relative_to_the_repo_root_inside_its_parent(tmp_path
     assert recorded_path(str(root / "data" / "x"), root) == "data/x"
     assert recorded_path("/elsewhere/models/m", root) == "/elsewhere/models/m"
     assert recorded_path("HuggingFaceTB/SmolLM2-135M", root) == "HuggingFaceTB/SmolLM2-135M"
+
+
+CPU_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_model_dtype_auto_is_bf16_only_where_the_device_runs_it_natively(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """model.dtype auto: bfloat16 on a CPU whose feature probes report AVX512-BF16 or AMX, and
+    on a CUDA GPU with native (not emulated) bf16; float32 otherwise (an AVX2-only CPU). An
+    explicit dtype is kept whatever the device. resolve_model writes the resolved name."""
+    import torch
+
+    for probe in CPU_PROBES:
+        monkeypatch.setattr(torch.cpu, probe, lambda v=native: v)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation, v=native: v)
+    model = parse_params(_with("model.dtype", "auto")).model
+    expected = torch.bfloat16 if native else torch.float32
+    for device in ("cpu", "cuda"):
+        assert resolve_model_dtype(model, torch.device(device)) is expected
+    assert resolve_model(model, torch.device("cpu")).dtype == str(expected).removeprefix("torch.")
+    for name in ("float32", "bfloat16", "float16"):
+        fixed = parse_params(_with("model.dtype", name)).model
+        assert resolve_model_dtype(fixed, torch.device("cpu")) is getattr(torch, name)
+        assert resolve_model(fixed, torch.device("cpu")) == fixed
+
+
+def test_one_probe_suffices_and_other_devices_get_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMX alone (an Intel CPU without the AVX512-BF16 flag) gives bf16; a device that is
+    neither CPU nor CUDA (mps) gets float32 under auto."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, CPU_PROBES[0], lambda: False)
+    monkeypatch.setattr(torch.cpu, CPU_PROBES[1], lambda: True)
+    model = parse_params(_with("model.dtype", "auto")).model
+    assert resolve_model_dtype(model, torch.device("cpu")) is torch.bfloat16
+    assert resolve_model_dtype(model, torch.device("mps")) is torch.float32

@@ -117,6 +117,80 @@ def test_a_hookpoint_other_than_the_inputs_is_refused_before_work(work, capsys, 
     assert line.endswith("'s hookpoint is 'blocks.2.hook_resid_pre'"), line
 
 
+def _native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool = True) -> None:
+    """Make torch's CPU feature probes report AVX512-BF16/AMX (or neither)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda v=native: v)
+
+
+@pytest.mark.parametrize("stage", ["baseline", "evaluate"])
+def test_an_lm_precision_other_than_the_inputs_is_refused(work, capsys, monkeypatch, stage):
+    """model.dtype auto on a CPU with native bf16 resolves to bfloat16, but the store (and the
+    baseline, and the SAE's activations) came from the LM in float32: one line naming both
+    precisions, before a model is loaded; the spliced ΔCE would mix two precisions."""
+    _native_bf16(monkeypatch)
+    _params(work, **{"model.dtype": "auto"})
+    line = _fails_with_one_line(work, capsys, stage)
+    assert line == (
+        "params model.dtype is 'bfloat16' but activation store in/activations/eval's "
+        "model_dtype is 'float32'"
+    )
+
+
+def test_a_baseline_of_another_lm_precision_is_refused(work, capsys) -> None:
+    """A baseline whose clean CE came from the LM in bf16, with a float32 store, SAE and params:
+    the line names the SAE's cfg.json and the baseline (ΔCE = spliced CE - the baseline's
+    clean CE needs both from one precision)."""
+    path = work / "in" / "baseline" / "baseline.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_dtype": "bfloat16"}))
+    line = _fails_with_one_line(work, capsys, "evaluate")
+    assert line == (
+        f"in/models/{VARIANT}/cfg.json's model_dtype is 'float32' but the baseline's "
+        "baseline.json's model_dtype is 'bfloat16'"
+    )
+
+
+def test_auto_on_a_cpu_without_bf16_is_float32_and_accepts_float32_inputs(
+    work, monkeypatch
+) -> None:
+    """model.dtype auto on an AVX2-only CPU resolves to float32: the float32 run's inputs pass,
+    and the metrics file says float32."""
+    _native_bf16(monkeypatch, native=False)
+    _params(work, **{"model.dtype": "auto"})
+    run_cli("evaluate", "--params", work / "params.yaml", *STAGE_ARGS["evaluate"])
+    assert json.loads((work / "out.json").read_text())["model_dtype"] == "float32"
+
+
+def test_the_lm_in_bf16_runs_every_stage_and_records_its_dtype(work, monkeypatch) -> None:
+    """model.dtype auto on a (patched) bf16-capable CPU: cache, train, baseline and evaluate run
+    with the LM in bf16 (cache rows are bf16 values; the baseline's own checks, cache against
+    the full forward at another batch size and suffix CE against the full forward's, pass at
+    the bf16 tolerances), and every output records bfloat16."""
+    _native_bf16(monkeypatch)
+    params = _params(work, **{"model.dtype": "auto"})
+    acts, sae_dir = work / "bf16" / "activations", work / "bf16" / VARIANT
+    run_cli("cache", "--params", params, "--tokens", "in/tokens", "--out", acts)
+    run_cli("train", "--params", params, "--variant", VARIANT, "--activations", acts,
+            "--out", sae_dir)  # fmt: skip
+    run_cli("baseline", "--params", params, "--tokens", "in/tokens", "--activations", acts,
+            "--out", work / "bf16" / "baseline")  # fmt: skip
+    run_cli("evaluate", "--params", params, "--variant", VARIANT, "--tokens", "in/tokens",
+            "--activations", acts, "--baseline", work / "bf16" / "baseline", "--sae", sae_dir,
+            "--out", work / "bf16" / "m.json")  # fmt: skip
+    for split in ("train", "eval"):
+        store = ActivationStore(acts / split)
+        assert store.attrs["model_dtype"] == "bfloat16"
+    x = ActivationStore(acts / "eval").read(0, 256)  # a float32 store of bf16 values
+    assert torch.equal(x, x.bfloat16().float()) and not torch.equal(
+        x, ActivationStore(work / "in" / "activations" / "eval").read(0, 256)
+    )
+    assert load_sae(sae_dir).metadata["model_dtype"] == "bfloat16"
+    baseline = json.loads((work / "bf16" / "baseline" / "baseline.json").read_text())
+    assert baseline["model_dtype"] == "bfloat16"
+    metrics = json.loads((work / "bf16" / "m.json").read_text())
+    assert metrics["model_dtype"] == "bfloat16" and np.isfinite(metrics["delta_ce"])
+
+
 @pytest.mark.parametrize("stage", ["train", "evaluate"])
 def test_another_model_than_the_inputs_is_refused(
     work, capsys, stage, tiny_gpt2_dir, tiny_llama_dir

@@ -109,6 +109,24 @@ def test_main_study_grid() -> None:
     assert all(r.overrides["variants"] == [r.variant] for r in runs)
     assert {r.overrides["evaluate.n_ctx"] for r in runs} == {128}
     assert [r.groups[0] for r in runs][:18] == ["k_sweep"] * 18  # queued first
+    assert {r.overrides["model.dtype"] for r in runs} == {"float32"}  # pinned: runs.csv's LM
+    assert not any("dtype" in r.name for r in runs)
+
+
+def test_pinned_params_are_set_but_stay_out_of_the_names(tmp_path) -> None:
+    """A pinned key is in every run's overrides and in no name while a run keeps its pinned
+    value (the names of a study's committed runs survive a pin); a group that sets it to
+    another value names it."""
+    raw = copy.deepcopy(SMALL)
+    before = {r.name for r in expand(_study(tmp_path / "a", raw))}
+    raw["pinned"] = {"model.dtype": "float32"}
+    raw["groups"].append({"name": "lm", "variants": ["topk"], "base": {"model.dtype": "auto"}})
+    runs = expand(_study(tmp_path / "b", raw))
+    assert all(r.overrides["model.dtype"] in ("float32", "auto") for r in runs)
+    pinned = {r.name for r in runs if r.overrides["model.dtype"] == "float32"}
+    assert pinned == before
+    assert {r.name for r in runs} - pinned == {"topk-k32-model_dtypeauto-d64-s0",
+                                               "topk-k32-model_dtypeauto-d64-s1"}  # fmt: skip
 
 
 def test_experiment_baselines_from_git_refs(tmp_path: Path) -> None:

@@ -38,7 +38,13 @@ from torch import nn
 from tqdm import tqdm
 
 from saelab import distributed
-from saelab.capture import capture_resid, capture_resids, check_hookpoint, decoder_layers
+from saelab.capture import (
+    capture_resid,
+    capture_resids,
+    check_hookpoint,
+    decoder_layers,
+    dtype_name,
+)
 from saelab.config import PipelineConfig, recorded_path
 from saelab.data import read_tokens
 from saelab.store import (
@@ -76,11 +82,13 @@ def cache_activations(model: nn.Module, cfg: PipelineConfig, tokens: str, out: s
             cache_split(model, cfg, contexts, tmp / split, f"{tokens}:{split}", dtype)
 
 
-def _attrs(cfg: PipelineConfig, ctx_len: int, source: str) -> dict:
+def _attrs(cfg: PipelineConfig, model: nn.Module, ctx_len: int, source: str) -> dict:
+    """The store's provenance; ``model_dtype``: the dtype the LM ran in (``model.dtype: auto``
+    resolved)."""
     return {
         "model": recorded_path(cfg.model.name_or_path),
         "gguf_file": cfg.model.gguf_file,
-        "model_dtype": cfg.model.dtype,
+        "model_dtype": dtype_name(model),
         "hookpoint": cfg.model.hookpoint,
         "ctx_len": ctx_len,
         "tokens_source": source,
@@ -114,7 +122,7 @@ def cache_split(
         return
     n_ctx, ctx_len = contexts.shape
     d_in = model.config.get_text_config().hidden_size
-    attrs = _attrs(cfg, ctx_len, source)
+    attrs = _attrs(cfg, model, ctx_len, source)
     batch = cfg.cache.batch_size
     start = time.perf_counter()
     with ActivationWriter(
@@ -168,7 +176,7 @@ def cache_split_hookpoints(
     with ExitStack() as stack:
         writers = []
         for m, out in zip(models, outs, strict=True):
-            attrs = _attrs(dataclasses.replace(cfg, model=m), ctx_len, source)
+            attrs = _attrs(dataclasses.replace(cfg, model=m), model, ctx_len, source)
             c = cfg.cache
             writer = ActivationWriter(out, n_ctx * ctx_len, d_in, store_dtype or c.store_dtype,
                                       c.codec, c.codec_level, c.chunk_tokens, attrs)  # fmt: skip
@@ -250,6 +258,6 @@ def _cache_split_part(
     distributed.barrier()  # every chunk file written
     seconds = time.perf_counter() - start
     if rank == 0:
-        attrs = store_attrs(_attrs(cfg, ctx_len, source), store_dtype, n_tokens, d_in)
+        attrs = store_attrs(_attrs(cfg, model, ctx_len, source), store_dtype, n_tokens, d_in)
         finish_shared_store(out, {**attrs, "tokens_per_s": n_tokens / seconds})
         log.info("cached %d tokens of %s in %.0f s", n_tokens, source, seconds)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from saelab.config import ConfigError, ModelConfig
+from saelab.config import ConfigError, ModelConfig, resolve_model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ def _pretrained_kwargs(cfg: ModelConfig, for_model: bool = False) -> tuple[str, 
     return cfg.name_or_path, kwargs
 
 
-def _from_pretrained(loader: Callable, cfg: ModelConfig, for_model: bool = False):
-    """``loader.from_pretrained`` with a hub id missing from the local cache (offline) turned into
-    a one-line ConfigError naming model.name_or_path."""
-    name, kwargs = _pretrained_kwargs(cfg, for_model)
-    extra = {"dtype": getattr(torch, cfg.dtype)} if for_model else {}
+def _from_pretrained(loader: Callable, cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """``loader.from_pretrained`` (in ``dtype`` when given: a model) with a hub id missing from
+    the local cache (offline) turned into a one-line ConfigError naming model.name_or_path."""
+    name, kwargs = _pretrained_kwargs(cfg, for_model=dtype is not None)
+    extra = {"dtype": dtype} if dtype is not None else {}
     try:
         return loader.from_pretrained(name, **kwargs, **extra)
     except OSError as e:
@@ -101,7 +101,8 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """Load the causal LM in ``cfg.dtype`` on ``device``, in eval mode, gradients off.
+    """Load the causal LM in ``cfg.dtype`` on ``device`` (``auto`` resolved for ``device`` by
+    :func:`saelab.config.resolve_model_dtype`), in eval mode, gradients off.
 
     A GGUF file is dequantised by transformers (needs the ``gguf`` package; ~30 s on 2 cores for
     SmolLM2-135M). Raises ConfigError when the model cannot be found locally or the hookpoint's
@@ -109,10 +110,16 @@ def load_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, cfg, for_model=True)
+    model = _from_pretrained(AutoModelForCausalLM, cfg, resolve_model_dtype(cfg, device))
     model.to(device).eval().requires_grad_(False)
     check_hookpoint(cfg, len(decoder_layers(model)))
     return model
+
+
+def dtype_name(model: nn.Module) -> str:
+    """The dtype the loaded ``model`` runs in, as params write it (``float32``, ``bfloat16``,
+    ...): what stores and baselines record as ``model_dtype``."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -24,6 +24,7 @@ from saelab.config import (
     check_provenance,
     load_params,
     recorded_path,
+    resolve_model,
     variant_names,
 )
 
@@ -147,6 +148,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
         sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "cache", *args]))
     device = resolve_device(cfg.model.device)
     device = distributed.init_from_env(device.type) or device
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, device))  # attrs: no "auto"
     model = load_model(cfg.model, device)
     try:
         with distributed.data_parallel():
@@ -351,7 +353,8 @@ def evaluate(
             write_json_atomic(hist, {"variant": variant, "k": cfg.k, **histograms})
         if per_context is not None:
             write_npz_atomic(per_context, sums)
-        write_json_atomic(out, {"variant": variant, "k": cfg.k, **metrics})
+        lm = {"model_dtype": inputs.model.dtype}  # the LM precision that produced the metrics
+        write_json_atomic(out, {"variant": variant, "k": cfg.k, **lm, **metrics})
     log.info("%s: %s", variant, json.dumps(metrics, indent=1))
 
 

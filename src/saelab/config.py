@@ -22,11 +22,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+if TYPE_CHECKING:
+    import torch
+
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", *DTYPES)
 CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AUTOCAST = ("auto", "float32", "bfloat16")
@@ -75,6 +79,8 @@ class ModelConfig:
     name_or_path: a hub id (``org/name``, loaded from the local HF cache only when offline) or a
         local directory.
     gguf_file: a GGUF file inside that directory, or None for a regular checkpoint.
+    dtype: the LM's weights and forward: ``float32``, ``bfloat16``, ``float16``, or ``auto``
+        (bfloat16 where the device runs it natively, else float32: :func:`resolve_model_dtype`).
     hookpoint: ``blocks.<layer>.hook_resid_pre`` (input of decoder layer ``layer``) or
         ``blocks.<layer>.hook_resid_post`` (its output), SAELens/TransformerLens names.
     """
@@ -86,7 +92,7 @@ class ModelConfig:
     device: str
 
     def validate(self) -> None:
-        _require(self.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}")
+        _require(self.dtype in MODEL_DTYPES, "model.dtype", f"one of {', '.join(MODEL_DTYPES)}")
         _require(self.device in DEVICES, "model.device", f"one of {', '.join(DEVICES)}")
         _require(
             HOOKPOINT_RE.match(self.hookpoint) is not None,
@@ -750,7 +756,43 @@ def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
     return parse_params(raw)
 
 
-PROVENANCE_KEYS = ("model", "gguf_file", "hookpoint", "d_in")
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively: a CUDA GPU with bf16 tensor cores
+    (compute capability 8.0 and up, Ampere, Hopper: ``torch.cuda.is_bf16_supported`` without
+    emulation), or a CPU with AVX512-BF16 or AMX (torch's CPU feature probes). False elsewhere:
+    on an AVX2-only CPU a bf16 GEMM is ~7x slower than fp32 (``bench/train_step.py``) and an
+    older GPU emulates it. The one rule behind ``model.dtype: auto`` and ``train.autocast:
+    auto``."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, n, lambda: False)() for n in probes)
+
+
+def resolve_model_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the LM of ``model`` is loaded and run in on ``device``: ``model.dtype``, or for
+    ``auto`` bfloat16 where :func:`native_bf16` holds, else float32 (the tolerances measured
+    against float32 are in docs/performance.md, "The LM in bf16")."""
+    import torch
+
+    if model.dtype != "auto":
+        return getattr(torch, model.dtype)
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def resolve_model(model: ModelConfig, device: torch.device) -> ModelConfig:
+    """``model`` with ``dtype`` resolved for ``device`` (:func:`resolve_model_dtype`): the
+    config a stage that runs the LM records (store attrs, baseline.json, metrics) and checks
+    provenance with, so no output says ``auto``."""
+    name = str(resolve_model_dtype(model, device)).removeprefix("torch.")
+    return dataclasses.replace(model, dtype=name)
+
+
+PROVENANCE_KEYS = ("model", "gguf_file", "hookpoint", "model_dtype", "d_in")
 
 
 def check_provenance(
@@ -765,12 +807,20 @@ def check_provenance(
     activation store's attributes (``store``: a :class:`saelab.store.ActivationStore`), an SAE's
     ``cfg.json`` metadata and ``d_in`` (``sae``: a loaded SAE, read from ``sae_dir``) and a
     baseline's attributes agree on :data:`PROVENANCE_KEYS` (the model as recorded, the GGUF file,
-    the hookpoint, d_in), before any work. Sides given as None are skipped, and so is a key that
-    an input does not record."""
-    sides: list[tuple[str, Mapping[str, Any]]] = [("params", {
-        "model": recorded_path(model.name_or_path), "gguf_file": model.gguf_file,
-        "hookpoint": model.hookpoint,
-    })]  # fmt: skip
+    the hookpoint, the LM's dtype, d_in), before any work. Sides given as None are skipped, and
+    so is a key that an input does not record; the params' ``model.dtype`` counts only when it is
+    resolved (not ``auto``: a stage that runs the LM passes :func:`resolve_model`'s config).
+
+    ``model_dtype`` is checked because the spliced ΔCE and KL are differences between the
+    baseline's clean pass and the evaluation's spliced pass, and the cached activations are the
+    input of both: all of them must come from one LM precision (docs/performance.md, "The LM
+    in bf16": mixing a float32 clean CE with a bf16 spliced CE shifts ΔCE by more than the
+    bf16/fp32 difference of ΔCE itself)."""
+    params = {"model": recorded_path(model.name_or_path), "gguf_file": model.gguf_file,
+              "hookpoint": model.hookpoint}  # fmt: skip
+    if model.dtype != "auto":
+        params["model_dtype"] = model.dtype
+    sides: list[tuple[str, Mapping[str, Any]]] = [("params", params)]
     if store is not None:
         sides.append((f"activation store {store.path}", {**store.attrs, "d_in": store.d_in}))
     if sae is not None:
@@ -787,5 +837,6 @@ def check_provenance(
 
 def _provenance_label(side: str, key: str) -> str:
     if side == "params":
-        return f"params model.{'name_or_path' if key == 'model' else key}"
+        name = {"model": "name_or_path", "model_dtype": "dtype"}.get(key, key)
+        return f"params model.{name}"
     return f"{side}'s {key}"

@@ -76,6 +76,7 @@ clean activation in every replaced pass:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -99,8 +100,15 @@ from saelab.baseline import (
     token_ce,
     token_losses,
 )
-from saelab.capture import Replacement, splice_fn
-from saelab.config import ConfigError, InputError, ModelConfig, PipelineConfig, check_provenance
+from saelab.capture import Replacement, resolve_device, splice_fn
+from saelab.config import (
+    ConfigError,
+    InputError,
+    ModelConfig,
+    PipelineConfig,
+    check_provenance,
+    resolve_model,
+)
 from saelab.sae import SwitchSAE, load_sae
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SparseAutoencoder
@@ -521,7 +529,8 @@ def check_consistency(
     sae_dir: Path | None = None,
 ) -> None:
     """Raise ConfigError (one line naming both sides) unless the SAE, the cached eval
-    activations, the baseline and the params agree on the model, the hookpoint, d_in
+    activations, the baseline and the params agree on the model, the hookpoint, the LM's dtype
+    (``cfg.model`` resolved: :func:`open_evaluation`), d_in
     (:func:`saelab.config.check_provenance`), the sink norm and the evaluated contexts, before
     any work. ``evaluate.n_ctx`` beyond the cached contexts is an error of
     :func:`~saelab.baseline.eval_contexts`."""
@@ -556,13 +565,16 @@ def _agree(a: Any, b: Any) -> bool:
 class EvaluationInputs:
     """What an evaluation reads, loaded and checked against each other and the params
     (:func:`open_evaluation`): the SAE (eval mode), its directory, the cached eval store, the
-    evaluated contexts ``[n_ctx, ctx_len] int64`` and the baseline."""
+    evaluated contexts ``[n_ctx, ctx_len] int64``, the baseline, and the LM's config with its
+    dtype resolved for the device it runs on (:func:`saelab.config.resolve_model`)."""
 
     sae: SparseAutoencoder
     sae_dir: Path
     store: ActivationStore
     contexts: np.ndarray
     baseline: Baseline
+    model: ModelConfig
+    device: torch.device
 
 
 def open_evaluation(
@@ -577,11 +589,13 @@ def open_evaluation(
     """
     from saelab.data import read_tokens
 
+    device = resolve_device(cfg.model.device)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, device))
     sae, baseline = load_sae(sae_dir).eval(), load_baseline(baseline_dir)
     store = ActivationStore(activations / "eval")
     contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)
     check_consistency(cfg, sae, store, baseline, sae_dir)
-    return EvaluationInputs(sae, sae_dir, store, contexts, baseline)
+    return EvaluationInputs(sae, sae_dir, store, contexts, baseline, cfg.model, device)
 
 
 def run_evaluation(
@@ -605,15 +619,15 @@ def evaluate_inputs(
     threshold θ); ``l0_batch_mode`` and ``fvu_train_rule`` the training rule at the training
     batch size.
     """
-    from saelab.capture import load_model, resolve_device
+    from saelab.capture import load_model
     from saelab.store import drop_outliers, iter_batches
 
     sae, store, baseline, contexts = inputs.sae, inputs.store, inputs.baseline, inputs.contexts
     max_norm = sae.metadata.get("max_norm")
-    device = resolve_device(cfg.model.device)
-    model = load_model(cfg.model, device)
+    device = inputs.device
+    model = load_model(inputs.model, device)
     spliced = SplicedInputs(contexts, store, baseline, cfg.evaluate.batch_size)
-    sums, recon_stats = spliced_pass(sae.to(device), model, cfg.model, spliced)
+    sums, recon_stats = spliced_pass(sae.to(device), model, inputs.model, spliced)
     metrics = {**recon_stats.metrics(), **interval_metrics(
         sums.sums, cfg.evaluate.n_bootstrap, cfg.evaluate.bootstrap_seed)}  # fmt: skip
     metrics.update(_sparsity_extremes(recon_stats), **_exclusion(baseline), max_norm=max_norm)

@@ -127,7 +127,8 @@ def model_ref(
     hub id, first found of: ``model_name``; ``cfg.export.hub_id`` when ``cfg``'s model (path
     and GGUF file) is the SAE's; the SAE's recorded model when it is a hub id; the
     ``_name_or_path`` of the local model directory's ``config.json`` when that is a hub id.
-    dtype: ``meta["model_dtype"]``, else ``cfg.model.dtype`` when ``cfg``'s model is the SAE's.
+    dtype: ``meta["model_dtype"]``, else ``cfg.model.dtype`` when ``cfg``'s model is the SAE's
+    and its dtype is not ``auto``.
 
     Raises:
         ExportError: no hub id found (the message says how to give one).
@@ -143,7 +144,8 @@ def model_ref(
             f"the SAE's model {recorded!r} is a local directory without a hub id: set "
             "export.hub_id in params.yaml (for that model) or pass --model-name"
         )
-    dtype = meta.get("model_dtype") or (cfg.model.dtype if same else None)
+    known = same and cfg.model.dtype != "auto"  # auto: decided by the device the LM ran on
+    dtype = meta.get("model_dtype") or (cfg.model.dtype if known else None)
     return ModelRef(hub_id, gguf, dtype)
 
 

@@ -12,6 +12,7 @@ with the repository, and :mod:`saelab.report` is regenerated from it).
       sampled: [variant_params.sampled.seed]
     base: {k: 32, sae.d_sae: 4608, train.n_tokens: 917504}     # every run (dotted params keys)
     variant_base: {switch: {variant_params.switch.n_experts: 8}}   # optional, per variant
+    pinned: {model.dtype: float32}    # optional: set in every run but left out of its name
     groups:
       - name: k_sweep
         variants: [topk, batchtopk]
@@ -25,6 +26,9 @@ A run's overrides are, later ones winning: ``base``, ``variant_base[variant]``, 
 ``base``, a point, the axes' values, the seed params, and ``variants=[<variant>]`` (each run
 trains and evaluates one SAE). Its name is derived from the overrides alone
 (:func:`run_name`), so the same run reached from two groups is one run, listed in both groups.
+``pinned`` params come first of all and stay out of the name while a run keeps their value: a
+default of params.yaml that changed after runs were committed is pinned to the old value, so
+new runs stay comparable and the committed runs keep their names (and are not planned again).
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class Study:
     groups: tuple[Group, ...]
     claims: tuple[Mapping[str, Any], ...]
     raw: Mapping[str, Any] = field(repr=False)
+    pinned: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def runs_path(self) -> Path:
@@ -213,6 +218,7 @@ def parse_study(raw: Any, path: Path) -> Study:
         groups=tuple(_group(g, i) for i, g in enumerate(raw["groups"])),
         claims=tuple(claims),
         raw=raw,
+        pinned=_mapping(raw.get("pinned"), "pinned"),
     )
     expand(study)  # name clashes are errors of the file
     return study
@@ -258,12 +264,14 @@ def _group_runs(study: Study, group: Group) -> Iterable[Run]:
             for values in itertools.product(*(v for _, v in group.axes)):
                 for seed in study.seeds:
                     overrides = {
-                        **study.base, **study.variant_base.get(variant, {}), **group.base,
-                        **point, **dict(zip(axis_keys, values, strict=True)),
+                        **study.pinned, **study.base, **study.variant_base.get(variant, {}),
+                        **group.base, **point, **dict(zip(axis_keys, values, strict=True)),
                         **_seeded(study, variant, seed), "variants": [variant],
                     }  # fmt: skip
-                    # every seed key but the first is a copy of it: left out of the name
+                    # every seed key but the first is a copy of it, and a pinned key at its
+                    # pinned value is every committed run's: left out of the name
                     skip = [*study.seed_params["*"][1:], *study.seed_params.get(variant, ())]
+                    skip += [k for k, v in study.pinned.items() if overrides[k] == v]
                     name = run_name(variant, overrides, skip)
                     yield Run(name, (group.name,), variant, seed, dict(sorted(overrides.items())))
 

@@ -39,7 +39,7 @@ from saelab.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from saelab.config import TrainConfig
+from saelab.config import TrainConfig, native_bf16
 from saelab.optim import SAEAdam
 from saelab.sae.activations import BatchTopK
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
@@ -187,19 +187,14 @@ def auxk_loss(
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """``train.autocast`` -> the autocast dtype for ``device``, or None for float32.
 
-    ``auto``: bfloat16 on a CUDA GPU that supports it (compute capability 8.0 and up: Ampere,
-    Hopper; ``torch.cuda.is_bf16_supported``), and on a CPU whose matmuls run bf16 natively
-    (AVX512-BF16 or AMX, as torch's CPU feature probe reports), else None: on an AVX2-only CPU a
-    bf16 GEMM is ~7x slower than fp32 (``bench/train_step.py``), and an older GPU emulates it."""
+    ``auto``: bfloat16 where :func:`saelab.config.native_bf16` holds (a CUDA GPU with bf16
+    tensor cores, a CPU with AVX512-BF16 or AMX; the rule ``model.dtype: auto`` uses too), else
+    None."""
     if name == "float32":
         return None
     if name == "bfloat16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    native = any(getattr(torch.cpu, n, lambda: False)() for n in probes)
-    return torch.bfloat16 if native and device.type == "cpu" else None
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def _activity(out: SAEOutput | SparseOutput, batch: int, d_sae: int) -> tuple[Tensor, Tensor]:
