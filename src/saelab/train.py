@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FINAL_STEPS = 10  # steps averaged for the summary's final train fvu / l0
-_INFERENCE_L0_BATCHES = 4  # last training batches on which the eval-mode SAE is measured
+_INFERENCE_L0_BATCHES = 4  # last training batches on which the inference function is measured
 
 
 class StepResult(NamedTuple):
@@ -266,7 +266,7 @@ def train_step(
     enabled = autocast is not None and sae.activation.autocast_safe
     seen = distributed.all_sum(sae.tokens_seen(x))
     with torch.autocast(x.device.type, dtype=autocast, enabled=enabled):
-        out = sae.forward_sparse(x) if sparse and sae.sparse_training else sae(x)
+        out = sae.forward_sparse(x) if sparse and sae.sparse_training else sae.forward_train(x)
         fvu_loss = fvu(x, out.recon.float())
         aux = fvu_loss.new_zeros(())
         if aux_coef > 0 and sae.activation.uses_auxk:
@@ -297,7 +297,7 @@ def _fp32_threshold(sae: SparseAutoencoder, x: Tensor) -> None:
     """Set an estimating BatchTopK's ``last_min_kept`` from float32 pre-activations of ``x``
     when the forward left it None (it ran under bf16 autocast), before the weights change."""
     act = sae.activation
-    if isinstance(act, BatchTopK) and act.training and act.estimating and act.last_min_kept is None:
+    if isinstance(act, BatchTopK) and act.estimating and act.last_min_kept is None:
         with torch.autocast(x.device.type, enabled=False):
             act.last_min_kept = act.batch_threshold(sae.encode_pre(x.float()))
 
@@ -459,11 +459,11 @@ def _set_threshold(sae: SparseAutoencoder, min_kept: list[float]) -> float | Non
 
 @torch.no_grad()
 def _inference_metrics(sae: SparseAutoencoder, raw_batches: Iterable[Tensor]) -> dict[str, float]:
-    """L0 and FVU of the eval-mode (folded) SAE on raw batches: what users of the saved SAE get."""
-    sae.eval()
+    """L0 and FVU of the (folded) SAE's inference function on raw batches: what users of the
+    saved SAE get."""
     l0s, fvus = [], []
     for x_BD in raw_batches:
-        out = sae(x_BD)
+        out = sae.infer(x_BD)
         l0s.append(float(distributed.global_mean((out.acts > 0).sum(dim=1).float())))
         fvus.append(float(fvu(x_BD, out.recon)))
     return {"inference_l0_train": _mean(l0s), "inference_fvu_train": _mean(fvus)}
@@ -673,8 +673,8 @@ def train_sae(
     first also sets b_dec and initialises the activation). Logs
     ``train/{loss,fvu,aux_loss,sparsity_loss,l0}`` (means since the last log),
     ``train/dead_fraction`` and ``train/lr`` every ``cfg.log_every`` steps. On return the input
-    scale is folded into the weights, BatchTopK's (Sampled's) threshold is set, and the SAE is in
-    eval mode and acts on raw activations.
+    scale is folded into the weights, BatchTopK's (Sampled's) threshold is set, and the SAE acts
+    on raw activations (in eval mode, so that ``sae(x)`` is its inference function ``infer``).
 
     Checkpoints (:mod:`saelab.checkpoint`), when ``checkpoint_dir`` is given: one every
     ``cfg.checkpoint_every`` steps, and one when KeyboardInterrupt or SystemExit (SIGTERM in the
@@ -750,6 +750,7 @@ def _finish(
         "tokens_per_s": state.tokens / seconds,
         **_inference_metrics(sae, state.recent_raw),
     }
+    sae.eval()
     if threshold is not None:
         summary["threshold"] = threshold
     logger.info(

@@ -29,6 +29,19 @@ _SAMPLE_ROWS = 128
 class SparsityActivation(nn.Module):
     """Base class: ``forward(pre_acts [batch, d_sae]) -> acts [batch, d_sae]``, acts >= 0.
 
+    Training and inference are two explicit functions, so that no caller depends on remembering
+    ``.train()`` / ``.eval()``:
+
+    - :meth:`training_acts`: the function the trainer differentiates. For the top-k families it
+      is relu(pre_acts) at the entries of :meth:`select`, the one place the selection rule is
+      written (:func:`acts_at`).
+    - :meth:`inference_acts`: the function a user of the trained SAE gets, one token at a time.
+
+    A per-token strategy (TopK, ReLU, JumpReLU) implements ``forward`` only: both functions are
+    it. A batch-level one (``batch_level``: BatchTopK and its subclasses) overrides both, and its
+    ``forward`` follows the ``nn.Module`` mode (training: :meth:`training_acts`, eval:
+    :meth:`inference_acts`) for torch users; the library calls the two functions by name.
+
     Subclasses set the class attribute ``variant`` (the name used by :func:`make_activation` and
     stored in ``cfg.json``) and expose ``k``, the target mean number of active latents per token.
     The hooks below have neutral defaults, so a strategy overrides only what it needs:
@@ -58,6 +71,7 @@ class SparsityActivation(nn.Module):
     """
 
     variant: str = ""
+    batch_level: bool = False
     uses_auxk: bool = False
     sparse_training: bool = False
     autocast_safe: bool = True
@@ -69,6 +83,17 @@ class SparsityActivation(nn.Module):
 
     def forward(self, pre_acts: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def training_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], the training function (class
+        docstring), whatever the module's mode; ``forward`` unless ``batch_level``."""
+        return self.forward(pre_acts)
+
+    def inference_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], the inference function: each row's
+        acts depend on that row only, whatever the module's mode; ``forward`` unless
+        ``batch_level``."""
+        return self.forward(pre_acts)
 
     def bind(self, d_sae: int, d_in: int | None = None) -> None:
         """Size per-latent state for ``d_sae`` latents of an SAE on ``d_in``-wide inputs
@@ -94,9 +119,10 @@ class SparsityActivation(nn.Module):
         return {}
 
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """The entries training mode keeps, for the sparse training path
+        """The entries the training rule keeps, for the sparse training path
         (:mod:`saelab.sae.sparse`): ``(rows, cols)``, [nnz] int64 each, rows non-decreasing, such
-        that ``forward(pre_acts)`` is ``relu(pre_acts)`` at those entries and 0 elsewhere. Called
+        that :meth:`training_acts` is ``relu(pre_acts)`` at those entries and 0 elsewhere
+        (:func:`acts_at`). Called
         without autograd on ``pre_acts [batch, d_sae]``; may update state as ``forward`` does
         (BatchTopK's ``last_min_kept``). Only strategies with ``sparse_training`` implement it.
         """
@@ -129,15 +155,16 @@ class TopK(SparsityActivation):
         self.k = k
 
     def forward(self, pre_acts: Tensor) -> Tensor:
-        """pre_acts [batch, d_sae] -> acts [batch, d_sae], at most k nonzero per row."""
-        k = min(self.k, pre_acts.shape[-1])
-        # topk before relu selects the same entries as topk after it (relu is monotone); relu on
-        # the k kept values only is cheaper than on the whole [batch, d_sae] tensor.
-        values_BK, indices_BK = pre_acts.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_acts).scatter_(-1, indices_BK, values_BK.relu())
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], at most k nonzero per row: relu at
+        :meth:`select`'s entries."""
+        with torch.no_grad():
+            rows, cols = self.select(pre_acts.detach())
+        return acts_at(pre_acts, rows, cols)
 
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [batch * k] int64 of each token's k largest pre-activations."""
+        """(rows, cols) [batch * k] int64 of each token's k largest pre-activations (the
+        largest of their relu too: relu is monotone, and relu on the k kept values only is
+        cheaper than on the whole [batch, d_sae] tensor)."""
         batch, d_sae = pre_acts.shape
         k = min(self.k, d_sae)
         cols_BK = row_topk(pre_acts, k)[1]
@@ -151,8 +178,9 @@ class TopK(SparsityActivation):
 class BatchTopK(SparsityActivation):
     """BatchTopK (Bussmann et al. 2024, sec. 3) in training, a global JumpReLU at inference.
 
-    Training mode: keep the ``k * batch`` largest entries of relu(pre_acts) across the whole
-    batch, so the batch's mean L0 is k while one token may use more or fewer than k latents. The
+    Training (:meth:`training_acts`, :meth:`select`): keep the ``k * batch`` largest entries of
+    relu(pre_acts) across the whole batch, so the batch's mean L0 is k while one token may use
+    more or fewer than k latents. The
     smallest positive kept value of the batch, i.e. the global threshold that keeps the same
     entries (:meth:`batch_threshold`), is stored (detached, fp32 scalar tensor, NaN when nothing
     positive was kept) in ``last_min_kept`` for the trainer's threshold estimate, but only while
@@ -161,12 +189,14 @@ class BatchTopK(SparsityActivation):
     trainer then computes :meth:`batch_threshold` on float32 pre-activations itself, so θ never
     carries bf16 rounding (~0.4% of the value).
 
-    Eval mode: ``acts = pre_acts * (pre_acts > threshold)`` with one global threshold θ (the
-    ``threshold`` buffer, fp32 scalar, saved with the model), so a token's code no longer depends on
-    the rest of its batch. θ is 0 (plain ReLU) until the trainer sets it.
+    Inference (:meth:`inference_acts`): ``acts = pre_acts * (pre_acts > threshold)`` with one
+    global threshold θ (the ``threshold`` buffer, fp32 scalar, saved with the model), so a
+    token's code no longer depends on the rest of its batch. θ is 0 (plain ReLU) until the
+    trainer sets it.
     """
 
     variant = "batchtopk"
+    batch_level = True
     uses_auxk = True
     sparse_training = True
     threshold: Tensor
@@ -178,23 +208,30 @@ class BatchTopK(SparsityActivation):
         self.k = k
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.last_min_kept: Tensor | None = None
-        self.estimating = True  # record last_min_kept in training mode (set by the trainer)
+        self.estimating = True  # record last_min_kept in select (set by the trainer)
 
     def forward(self, pre_acts: Tensor) -> Tensor:
-        """pre_acts [batch, d_sae] -> acts [batch, d_sae] (see the class docstring)."""
-        if not self.training:
-            return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae]: :meth:`training_acts` in training
+        mode, :meth:`inference_acts` in eval mode (the ``nn.Module`` convention; the library
+        calls the two by name)."""
+        return self.training_acts(pre_acts) if self.training else self.inference_acts(pre_acts)
+
+    def training_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae]: relu at :meth:`select`'s entries, the
+        ``k * batch`` largest of the batch (class docstring); sets ``last_min_kept``."""
         with torch.no_grad():
-            rows_K, cols_K = self._kept(pre_acts.detach())
-            kept_K = rows_K * pre_acts.shape[1] + cols_K  # flat indices
-        values_K = pre_acts.flatten().gather(0, kept_K).relu()
-        self._record_threshold(pre_acts.detach(), values_K.detach())
-        return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_K, values_K).view_as(pre_acts)
+            rows_K, cols_K = self.select(pre_acts.detach())
+        return acts_at(pre_acts, rows_K, cols_K)
+
+    def inference_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae] = pre_acts * (pre_acts > θ), a
+        JumpReLU with one global threshold (class docstring)."""
+        return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
 
     @torch.no_grad()
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [k * batch] int64 of the kept entries (training mode), token-major; sets
-        ``last_min_kept`` as :meth:`forward` does."""
+        """(rows, cols) [k * batch] int64 of the kept entries (the training rule), token-major;
+        sets ``last_min_kept`` (class docstring)."""
         rows_K, cols_K = self._kept(pre_acts)
         self._record_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
         return rows_K, cols_K
@@ -221,14 +258,24 @@ class BatchTopK(SparsityActivation):
         return _min_positive(values_K)
 
     def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [k * batch] int64, token-major, of the entries kept in training mode: the
-        ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
+        """(rows, cols) [k * batch] int64, token-major, of the entries the training rule keeps:
+        the ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
         ties among entries <= 0, whose act is 0 either way). The one step subclasses change.
         In data-parallel training, the largest of the global batch (:func:`global_batch_topk`)."""
         return global_batch_topk(pre_acts, self.k)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
+
+
+def acts_at(pre_acts: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """[batch, d_sae] acts equal to relu(``pre_acts [batch, d_sae]``) at the entries ``(rows,
+    cols)`` ([nnz] int64 each, distinct) and 0 elsewhere, in ``pre_acts``' dtype and attached
+    to its graph through the kept values only: the dense form of a selection
+    (:meth:`SparsityActivation.select`)."""
+    kept_N = rows * pre_acts.shape[1] + cols  # flat indices
+    values_N = pre_acts.flatten().gather(0, kept_N).relu()
+    return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_N, values_N).view_as(pre_acts)
 
 
 def row_topk(x_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -722,7 +769,7 @@ class Sampled(BatchTopK):
     """Sampled-SAE (Oozeer et al. 2025, "Distribution-Aware Feature Selection for SAEs",
     sec. 3): BatchTopK restricted to a per-batch candidate pool of ``k * l`` features.
 
-    Training mode: score every feature column of ``relu(pre_acts) [batch, d_sae]``
+    Training: score every feature column of ``relu(pre_acts) [batch, d_sae]``
     (:func:`feature_scores`, ``score``), choose a pool of ``k * l`` features
     (:func:`select_pool`, ``pool``; ``sample`` draws from a ``torch.Generator`` seeded with
     ``seed``), then keep the ``k * batch`` largest entries of the pool's columns. When the pool

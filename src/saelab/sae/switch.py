@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from saelab import distributed
 from saelab.sae.activations import TopK, row_topk
-from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
+from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput, pre_activations
 from saelab.sae.registry import HParam, VariantSpec, Violation, register
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
 
@@ -122,10 +122,11 @@ class SwitchSAE(SparseAutoencoder):
             self.b_enc.view(E, M).unbind(0),
         )
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward_train(self, x: Tensor) -> SAEOutput:
         """x [batch, d_in] -> SAEOutput(recon [batch, d_in], acts [batch, d_sae],
         pre_acts [batch, d_sae]); acts are zero and pre_acts ``-inf`` outside each token's
-        expert. One encoder and one decoder matmul per expert that received tokens."""
+        expert. One encoder and one decoder matmul per expert that received tokens. Routing and
+        TopK are per token, so this is also the inference function (:meth:`infer`)."""
         probs_BE, expert_B = self.route(x)
         p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
         W_enc, W_dec, b_enc = self._experts()
@@ -134,8 +135,8 @@ class SwitchSAE(SparseAutoencoder):
             idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
             if idx_N.numel() == 0:
                 continue
-            pre_NM = torch.addmm(b_enc[e] - self.b_dec @ W_enc[e], x[idx_N], W_enc[e])
-            acts_NM = self.activation(pre_NM) * p_B[idx_N, None]
+            pre_NM = pre_activations(x[idx_N], W_enc[e], b_enc[e], self.b_dec)
+            acts_NM = self.activation.training_acts(pre_NM) * p_B[idx_N, None]
             order.append(idx_N)
             pre_rows.append(pre_NM)
             act_rows.append(acts_NM)
@@ -149,9 +150,10 @@ class SwitchSAE(SparseAutoencoder):
         return SAEOutput(recon_BD, acts_BS, pre_BS)
 
     def forward_sparse(self, x: Tensor) -> SparseOutput:
-        """The sparse training path (:mod:`saelab.sae.sparse`) of :meth:`forward`: same recon,
-        same gradients. Each expert's encoder GEMM runs on its tokens without autograd; only the
-        ``k`` selected latents per token enter the graph, scaled by the router probability."""
+        """The sparse training path (:mod:`saelab.sae.sparse`) of :meth:`forward_train`: same
+        recon, same gradients. Each expert's encoder GEMM runs on its tokens without autograd;
+        only the ``k`` selected latents per token enter the graph, scaled by the router
+        probability."""
         probs_BE, expert_B = self.route(x)
         p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
         rows, cols, values = self._select(x, expert_B)
@@ -173,7 +175,7 @@ class SwitchSAE(SparseAutoencoder):
             idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
             if idx_N.numel() == 0:
                 continue
-            pre_NM = (x[idx_N] @ W_enc[e]).add_(b_enc[e] - self.b_dec @ W_enc[e])
+            pre_NM = pre_activations(x[idx_N], W_enc[e], b_enc[e], self.b_dec, in_place=True)
             values_NK, local_NK = row_topk(pre_NM, k)
             cols_BK[idx_N] = local_NK + e * self.d_expert
             values_BK[idx_N] = values_NK.float()
@@ -209,9 +211,14 @@ class SwitchSAE(SparseAutoencoder):
         index_B1M = expert_B.view(B, 1, 1).expand(B, 1, M)
         return dense_BEM.scatter(1, index_B1M, rows_BM.unsqueeze(1)).view(B, E * M)
 
+    def infer(self, x: Tensor) -> SAEOutput:
+        """:meth:`forward_train`: routing and TopK are per token, so the trained function is
+        the inference function."""
+        return self.forward_train(x)
+
     def encode(self, x: Tensor) -> Tensor:
         """x [batch, d_in] -> acts [batch, d_sae] (routed; zero outside the token's expert)."""
-        return self.forward(x).acts
+        return self.infer(x).acts
 
     def sparsity_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Load-balancing loss ``balance_coef * n_experts * sum_e f_e P_e`` (module docstring)
