@@ -46,10 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from saelab import distributed
-from saelab.sae.activations import TopK, row_topk
+from saelab.sae.activations import TopK
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput, pre_activations
 from saelab.sae.registry import HParam, VariantSpec, Violation, register
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
+from saelab.sae.topk import row_topk
 
 
 class SwitchSAE(SparseAutoencoder):
