@@ -41,21 +41,21 @@ def estimate_input_scale(batches: Iterable[Tensor], n_tokens: int) -> float:
 
 
 def geometric_median(x: Tensor, n_iter: int = 100, rel_tol: float = 1e-7) -> Tensor:
-    """Geometric median of the rows of ``x [n, d_in]`` -> ``[d_in]`` (x's dtype).
+    """Geometric median of the rows of ``x [batch, d_in]`` -> ``[d_in]`` (x's dtype).
 
     Weiszfeld's algorithm (Weiszfeld 1937), started at the mean, at most ``n_iter`` iterations,
     float64 internally: ``y <- sum_i w_i x_i / sum_i w_i`` with ``w_i = 1 / ||x_i - y||``. Stops
     when a step moves y by less than ``rel_tol`` times the mean distance to the points. Used to
     initialise b_dec (Gao et al. 2024, sec. 2.4; Bussmann et al. 2024).
     """
-    x_ND = x.double()
-    y_D = x_ND.mean(dim=0)
+    x_BD = x.double()
+    y_D = x_BD.mean(dim=0)
     for _ in range(n_iter):
-        dist_N = (x_ND - y_D).norm(dim=1).clamp_min(1e-12)
-        weight_N = 1.0 / dist_N
-        new_y_D = (weight_N @ x_ND) / weight_N.sum()
+        dist_B = (x_BD - y_D).norm(dim=1).clamp_min(1e-12)
+        weight_B = 1.0 / dist_B
+        new_y_D = (weight_B @ x_BD) / weight_B.sum()
         moved = float((new_y_D - y_D).norm())
         y_D = new_y_D
-        if moved <= rel_tol * float(dist_N.mean()):
+        if moved <= rel_tol * float(dist_B.mean()):
             break
     return y_D.to(x.dtype)

@@ -218,8 +218,8 @@ class BatchTopK(SparsityActivation):
         """pre_acts [batch, d_sae] -> acts [batch, d_sae]: relu at :meth:`select`'s entries, the
         ``k * batch`` largest of the batch (class docstring); sets ``last_min_kept``."""
         with torch.no_grad():
-            rows_K, cols_K = self.select(pre_acts.detach())
-        return acts_at(pre_acts, rows_K, cols_K)
+            rows_N, cols_N = self.select(pre_acts.detach())
+        return acts_at(pre_acts, rows_N, cols_N)
 
     def inference_acts(self, pre_acts: Tensor) -> Tensor:
         """pre_acts [batch, d_sae] -> acts [batch, d_sae] = pre_acts * (pre_acts > θ), a
@@ -230,30 +230,30 @@ class BatchTopK(SparsityActivation):
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, cols) [k * batch] int64 of the kept entries (the training rule), token-major;
         sets ``last_min_kept`` (class docstring)."""
-        rows_K, cols_K = self._kept(pre_acts)
-        self._record_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
-        return rows_K, cols_K
+        rows_N, cols_N = self._kept(pre_acts)
+        self._record_threshold(pre_acts, pre_acts[rows_N, cols_N].relu())
+        return rows_N, cols_N
 
     @torch.no_grad()
-    def _record_threshold(self, pre_acts: Tensor, values_K: Tensor) -> None:
+    def _record_threshold(self, pre_acts: Tensor, values_N: Tensor) -> None:
         """``last_min_kept`` = :meth:`batch_threshold` while ``estimating`` on float32
         ``pre_acts``, else None (class docstring)."""
         fp32 = pre_acts.dtype == torch.float32
         self.last_min_kept = (
-            self.batch_threshold(pre_acts, values_K) if self.estimating and fp32 else None
+            self.batch_threshold(pre_acts, values_N) if self.estimating and fp32 else None
         )
 
     @torch.no_grad()
-    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
+    def batch_threshold(self, pre_acts: Tensor, values_N: Tensor | None = None) -> Tensor:
         """The batch's threshold estimate (fp32 scalar tensor, NaN if none) for ``pre_acts
         [batch, d_sae]``: the smallest positive of the ``k * batch`` largest entries, the global
         threshold that selects this batch's kept set (Bussmann et al. 2024, sec. 3).
-        ``values_K`` [k * batch]: the kept acts when the caller has them (their minimum is the
+        ``values_N`` [k * batch]: the kept acts when the caller has them (their minimum is the
         answer); None: the selection is redone on ``pre_acts`` (use float32 for a float32 θ)."""
-        if values_K is None:
-            rows_K, cols_K = global_batch_topk(pre_acts, self.k)
-            values_K = pre_acts[rows_K, cols_K]
-        return _min_positive(values_K)
+        if values_N is None:
+            rows_N, cols_N = global_batch_topk(pre_acts, self.k)
+            values_N = pre_acts[rows_N, cols_N]
+        return _min_positive(values_N)
 
     def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, cols) [k * batch] int64, token-major, of the entries the training rule keeps:
@@ -700,13 +700,13 @@ class Sampled(BatchTopK):
         if n_pool >= int((scores_S > 0).sum()):
             return super()._kept(pre_acts)  # the pool holds every firing feature
         pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(pre_acts.device))
-        rows_K, slots_K = global_batch_topk(pre_acts[:, pool_P], self.k)
-        return rows_K, pool_P[slots_K]  # [batch, P] -> [batch, d_sae]
+        rows_N, slots_N = global_batch_topk(pre_acts[:, pool_P], self.k)
+        return rows_N, pool_P[slots_N]  # [batch, P] -> [batch, d_sae]
 
     @torch.no_grad()
-    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
+    def batch_threshold(self, pre_acts: Tensor, values_N: Tensor | None = None) -> Tensor:
         """The ``(k * batch)``-th largest entry of relu(``pre_acts``) over all features (class
-        docstring), whatever the pool kept (``values_K`` is ignored). When the pool held every
+        docstring), whatever the pool kept (``values_N`` is ignored). When the pool held every
         firing feature this is the minimum of the kept acts; the selection is redone anyway
         rather than re-scanning the batch to detect that rare case. It costs one unrestricted
         selection, so it runs only on the steps whose estimates the trainer averages

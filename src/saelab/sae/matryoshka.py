@@ -135,8 +135,8 @@ class MatryoshkaSAE(SparseAutoencoder):
     ) -> list[Tensor]:
         """``Σ_{entries with w_{m-1} <= col < w_m} value W_dec[col]`` [batch, d_in] per inner
         group m (:func:`~saelab.sae.sparse.sparse_decode` of that group's entries, zero bias)."""
-        ends_M = torch.tensor(ends, device=code.cols.device)
-        group_N = torch.bucketize(code.cols, ends_M, right=True)
+        ends_G = torch.tensor(ends, device=code.cols.device)
+        group_N = torch.bucketize(code.cols, ends_G, right=True)
         zero_D = self.b_dec.detach().new_zeros(self.d_in)
         parts = []
         for m in range(len(ends)):

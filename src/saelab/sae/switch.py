@@ -133,15 +133,15 @@ class SwitchSAE(SparseAutoencoder):
         W_enc, W_dec, b_enc = self._experts()
         order, pre_rows, act_rows, recon_rows = [], [], [], []
         for e in range(self.n_experts):
-            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
-            if idx_N.numel() == 0:
+            idx_T = (expert_B == e).nonzero().squeeze(1)  # T = tokens routed to e
+            if idx_T.numel() == 0:
                 continue
-            pre_NM = pre_activations(x[idx_N], W_enc[e], b_enc[e], self.b_dec)
-            acts_NM = self.activation.training_acts(pre_NM) * p_B[idx_N, None]
-            order.append(idx_N)
-            pre_rows.append(pre_NM)
-            act_rows.append(acts_NM)
-            recon_rows.append(torch.addmm(self.b_dec, acts_NM, W_dec[e]))
+            pre_TM = pre_activations(x[idx_T], W_enc[e], b_enc[e], self.b_dec)
+            acts_TM = self.activation.training_acts(pre_TM) * p_B[idx_T, None]
+            order.append(idx_T)
+            pre_rows.append(pre_TM)
+            act_rows.append(acts_TM)
+            recon_rows.append(torch.addmm(self.b_dec, acts_TM, W_dec[e]))
         inverse_B = torch.empty_like(expert_B)
         order_B = torch.cat(order)
         inverse_B[order_B] = torch.arange(order_B.numel(), device=x.device)
@@ -173,13 +173,13 @@ class SwitchSAE(SparseAutoencoder):
         cols_BK = torch.empty(batch, k, dtype=torch.int64, device=x.device)
         values_BK = torch.empty(batch, k, dtype=torch.float32, device=x.device)
         for e in range(self.n_experts):
-            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
-            if idx_N.numel() == 0:
+            idx_T = (expert_B == e).nonzero().squeeze(1)  # T = tokens routed to e
+            if idx_T.numel() == 0:
                 continue
-            pre_NM = pre_activations(x[idx_N], W_enc[e], b_enc[e], self.b_dec, in_place=True)
-            values_NK, local_NK = row_topk(pre_NM, k)
-            cols_BK[idx_N] = local_NK + e * self.d_expert
-            values_BK[idx_N] = values_NK.float()
+            pre_TM = pre_activations(x[idx_T], W_enc[e], b_enc[e], self.b_dec, in_place=True)
+            values_TK, local_TK = row_topk(pre_TM, k)
+            cols_BK[idx_T] = local_TK + e * self.d_expert
+            values_BK[idx_T] = values_TK.float()
         rows = torch.arange(batch, device=x.device).repeat_interleave(k)
         return rows, cols_BK.flatten(), values_BK.flatten()
 
@@ -192,9 +192,9 @@ class SwitchSAE(SparseAutoencoder):
         with torch.no_grad():
             probs_BE, expert_B = self.route(x)
             p_B = probs_BE.gather(1, expert_B[:, None])  # [batch, 1]
-        pre_BN = super().pre_acts_of(x, latents) * p_B
-        same_BN = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
-        return pre_BN.masked_fill(~same_BN, float("-inf"))
+        pre_BX = super().pre_acts_of(x, latents) * p_B
+        same_BX = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
+        return pre_BX.masked_fill(~same_BX, float("-inf"))
 
     @torch.no_grad()
     def tokens_seen(self, x: Tensor) -> Tensor:

@@ -55,9 +55,9 @@ def row_topk(x_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
     max_BN2 = max_BN1.view(batch, c2, n2).amax(1)  # group g: chunks g + i * n2
     chunks_BC = _members(max_BN2.topk(k, dim=1, sorted=False).indices, c2, n2)  # [batch, k*c2]
     best_BK = max_BN1.gather(1, chunks_BC).topk(k, dim=1, sorted=False).indices
-    entries_BE = _members(chunks_BC.gather(1, best_BK), c1, n1)  # [batch, k*c1]
-    values_BK, pick_BK = x_BS.gather(1, entries_BE).topk(k, dim=1, sorted=False)
-    return values_BK, entries_BE.gather(1, pick_BK)
+    entries_BC = _members(chunks_BC.gather(1, best_BK), c1, n1)  # [batch, k*c1]
+    values_BK, pick_BK = x_BS.gather(1, entries_BC).topk(k, dim=1, sorted=False)
+    return values_BK, entries_BC.gather(1, pick_BK)
 
 
 def _members(groups_BK: Tensor, size: int, stride: int) -> Tensor:
@@ -90,12 +90,12 @@ def batch_topk(pre_BS: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
         theta = top.values.min()
         row_min_B = cand_v_BM.min(dim=1).values
         if bool(((row_min_B >= theta) & (row_min_B > 0)).any()):
-            flat_K = _batch_topk_indices_bounded(pre_BS, n_keep).sort().values
-            return torch.div(flat_K, d_sae, rounding_mode="floor"), flat_K % d_sae
+            flat_N = _batch_topk_indices_bounded(pre_BS, n_keep).sort().values
+            return torch.div(flat_N, d_sae, rounding_mode="floor"), flat_N % d_sae
     kept_BM = torch.zeros(batch, m, dtype=torch.bool, device=pre_BS.device)
     kept_BM.view(-1)[top.indices] = True
-    rows_K, slots_K = kept_BM.nonzero().unbind(1)
-    return rows_K, cand_i_BM[rows_K, slots_K]
+    rows_N, slots_N = kept_BM.nonzero().unbind(1)
+    return rows_N, cand_i_BM[rows_N, slots_N]
 
 
 def global_batch_topk(pre_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -138,14 +138,14 @@ def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
     When fewer than ``n_keep`` entries exceed t, the kept set is not contained in them and this
     falls back to one ``topk`` over everything; when at least ``n_keep`` do, every one of the
     ``n_keep`` largest is among them."""
-    flat_N = pre_BS.flatten()
+    flat_F = pre_BS.flatten()
     rows = pre_BS[:: max(1, pre_BS.shape[0] // _SAMPLE_ROWS)].flatten()
     # Aim at twice the kept fraction so that the bound holds with a wide margin.
-    frac = min(1.0, 2.0 * n_keep / flat_N.numel())
+    frac = min(1.0, 2.0 * n_keep / flat_F.numel())
     rank = max(1, int((1.0 - frac) * rows.numel()))
     bound = rows.kthvalue(rank).values
-    candidates_C = (flat_N > bound).nonzero().squeeze(1)
+    candidates_C = (flat_F > bound).nonzero().squeeze(1)
     if candidates_C.numel() < n_keep:
-        return flat_N.topk(n_keep, sorted=False).indices
-    top = flat_N[candidates_C].topk(n_keep, sorted=False)
+        return flat_F.topk(n_keep, sorted=False).indices
+    top = flat_F[candidates_C].topk(n_keep, sorted=False)
     return candidates_C[top.indices]
