@@ -125,11 +125,12 @@ class SparsityActivation(nn.Module):
         (:mod:`saelab.sae.sparse`): ``(rows, cols)``, [nnz] int64 each, rows non-decreasing, such
         that :meth:`training_acts` is :meth:`sparse_acts` at those entries and 0 elsewhere (for
         the top-k families and ReLU, ``relu(pre_acts)`` there: :func:`acts_at`; JumpReLU's
-        entries also cover its STE kernel, acts 0 where z <= θ). Called without autograd on ``pre_acts [batch, d_sae]``; may update state as ``forward`` does
-        (BatchTopK's ``last_min_kept``). Only strategies with ``sparse_training`` implement it.
-        A strategy whose L0 varies (ReLU, JumpReLU) may return None when too many entries are
-        active for the sparse path to pay (:func:`_active_entries`); the SAE then runs the dense
-        forward.
+        entries also cover its STE kernel, acts 0 where z <= θ). Called without autograd on
+        ``pre_acts [batch, d_sae]``; may update state as ``forward`` does (BatchTopK's
+        ``last_min_kept``). Only strategies with ``sparse_training`` implement it. A strategy
+        whose L0 varies (ReLU, JumpReLU) may return None when too many entries are active for
+        the sparse path to pay (:func:`_active_entries`); the SAE then runs the dense
+        :meth:`~saelab.sae.model.SparseAutoencoder.forward_train`.
         """
         raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
 

@@ -196,8 +196,8 @@ class SparseAutoencoder(nn.Module):
         return self.activation.hparams()
 
     def sparsity_loss(self, x: Tensor, out: SAEOutput | SparseOutput) -> Tensor:
-        """The variant's weighted training penalty on ``x [batch, d_in]`` with ``out = self.forward_train(x)``
-        (scalar attached to the graph): the activation's
+        """The variant's weighted training penalty on ``x [batch, d_in]`` with
+        ``out = self.forward_train(x)`` (scalar attached to the graph): the activation's
         :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0);
         with ``out = self.forward_sparse(x)``, its sparse form
         (:meth:`~saelab.sae.activations.SparsityActivation.sparse_sparsity_loss`)."""
