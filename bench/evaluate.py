@@ -98,7 +98,7 @@ def main() -> None:
     d_in = model.config.get_text_config().hidden_size
     gen = torch.Generator().manual_seed(0)
     sae = build_sae("topk", d_in, cfg.sae.d_sae, cfg.k, {}, gen).eval()
-    splice = splice_fn(lambda x: sae(x).recon, True)
+    splice = splice_fn(lambda x: sae.infer(x).recon, True)
     _, suffix = clean_forward(model, model_cfg, ids)
     mean_act = suffix.resid[:, 1:].float().mean((0, 1))  # [d_in]
 
@@ -114,7 +114,7 @@ def main() -> None:
         run_suffix(suffix, splice(suffix.resid))
 
     def new_whole() -> dict[str, float]:
-        return downstream_metrics(model, model_cfg, lambda x: sae(x).recon, ids, args.batch,
+        return downstream_metrics(model, model_cfg, lambda x: sae.infer(x).recon, ids, args.batch,
                                   True, mean_act=mean_act)  # fmt: skip
 
     runner = SuffixRunner(model, model_cfg)
@@ -145,7 +145,7 @@ def main() -> None:
             return kl_from_terms(u, kl_const, spliced_final[:, 1:-1], lse)
 
     def old_whole() -> dict[str, float]:
-        return old_downstream(model, model_cfg, lambda x: sae(x).recon, ids, mean_act)
+        return old_downstream(model, model_cfg, lambda x: sae.infer(x).recon, ids, mean_act)
 
     cases = {"full": full, "old": old_per_sae, "new": new_per_sae,
              "clean": lambda: clean_forward(model, model_cfg, ids),

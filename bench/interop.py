@@ -82,10 +82,11 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for v, sae in saes.items():
-            want = sae(x)
+            want = sae.infer(x)
             row = _compare(f"saelens/{v}", out[f"saelens/{v}/acts"], out[f"saelens/{v}/recon"],
                            want.acts, want.recon)  # fmt: skip
-            spliced = splice_fn(lambda t, s=sae: s(t).recon, True, sae.metadata["max_norm"])(resid)
+            recon = lambda t, s=sae: s.infer(t).recon  # noqa: E731
+            spliced = splice_fn(recon, True, sae.metadata["max_norm"])(resid)
             row["spliced_rel_all"] = float(
                 (out[f"saelens/{v}/spliced"] - spliced).norm() / spliced.norm()
             )

@@ -159,7 +159,7 @@ def losses(models, cfg, ids_all, batch, sae, start, res, dump) -> None:
             x = suffix.resid.float()
             use = ~spared_mask(x, excl, max_norm)
             spliced = x.clone()
-            spliced[use] = sae(x[use]).recon
+            spliced[use] = sae.infer(x[use]).recon
             logits = suffix_timer.run(d, run_suffix, suffix, spliced.to(suffix.resid.dtype))
             ce[f"spliced_{d}"].append(token_losses(logits, ids, start)[0].mean(-1).double())
         c = {k: torch.cat(v).numpy() for k, v in ce.items()}

@@ -1,4 +1,4 @@
-"""Benchmark: ``saelab.sae.activations.row_topk`` against ``torch.topk`` (per-row selection).
+"""Benchmark: ``saelab.sae.topk.row_topk`` against ``torch.topk`` (per-row selection).
 
 Each row's k largest pre-activations are selected once per training step: TopK's k = 32 over
 d_sae, BatchTopK's and Sampled's per-token candidates (4k = 128), and each Switch expert's k = 32
@@ -15,7 +15,7 @@ import torch
 import train_step
 from train_step import _median_seconds, start, step_parser
 
-from saelab.sae.activations import row_topk
+from saelab.sae.topk import row_topk
 
 
 def main() -> None:

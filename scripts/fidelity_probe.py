@@ -28,7 +28,7 @@ def probe(eval_store: str, sae_dir: str) -> dict:
     load = torch.zeros(getattr(sae, "n_experts", 1))
     with torch.no_grad():
         for x in drop_outliers(batches, meta.get("max_norm")):
-            out = sae(x)
+            out = sae.infer(x)
             err += float((x - out.recon).pow(2).sum())
             total += float((x - x.mean(0)).pow(2).sum())
             active += float((out.acts > 0).sum())

@@ -271,3 +271,36 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"variant": "topk"}))
     with pytest.raises(ValueError, match="threshold"):  # topk has no threshold tensor
         SparseAutoencoder.load(tmp_path)
+
+
+def test_forward_train_and_infer_do_not_depend_on_the_module_mode():
+    """forward_train is BatchTopK's batch rule and infer its threshold rule in either mode: in
+    training mode both equal what sae(x) gives in that mode; infer is pre * (pre > θ) and
+    forward_train keeps k * batch entries (all pre-activations made positive)."""
+    sae = _sae("batchtopk")
+    sae.activation.threshold.fill_(0.3)
+    with torch.no_grad():
+        sae.b_enc.add_(10.0)  # every pre-activation > 0, so the k * batch kept entries are > 0
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(8))
+    train_acts, eval_acts = sae.train()(x).acts, sae.eval()(x).acts
+    pre = sae.encode_pre(x)
+    assert torch.equal(eval_acts, torch.where(pre > 0.3, pre, 0.0))
+    assert int((train_acts > 0).sum()) == 4 * 16
+    for mode in (True, False):
+        sae.train(mode)
+        assert torch.equal(sae.forward_train(x).acts, train_acts)
+        assert torch.equal(sae.infer(x).acts, eval_acts)
+        assert torch.equal(sae.encode(x), eval_acts)
+
+
+def test_topk_dense_code_is_relu_at_its_selection():
+    """TopK's dense acts are relu(pre) at select()'s entries and 0 elsewhere (one rule), equal
+    to the k largest of torch.topk on tie-free inputs."""
+    act = TopK(3)
+    pre = torch.randn(5, 40, generator=torch.Generator().manual_seed(9))
+    rows, cols = act.select(pre)
+    expected = torch.zeros_like(pre)
+    expected[rows, cols] = pre[rows, cols].relu()
+    assert torch.equal(act(pre), expected)
+    values, indices = pre.topk(3, dim=1)
+    assert torch.equal(act(pre), torch.zeros_like(pre).scatter(1, indices, values.relu()))

@@ -228,12 +228,12 @@ def density_histogram(fire_counts_S: Tensor, n_tokens: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def accumulate(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> ReconstructionStats:
-    """Run ``sae`` (in eval mode) over ``batches`` ([batch, d_in] float32 raw activations, sinks
-    already dropped by the reader) and return the accumulated :class:`ReconstructionStats`."""
-    sae.eval()
+    """Run ``sae``'s inference function (:meth:`~saelab.sae.model.SparseAutoencoder.infer`) over
+    ``batches`` ([batch, d_in] float32 raw activations, sinks already dropped by the reader) and
+    return the accumulated :class:`ReconstructionStats`."""
     stats = ReconstructionStats(sae.d_sae)
     for x in batches:
-        out = sae(x)
+        out = sae.infer(x)
         stats.update(x, out.recon, out.acts)
     return stats
 
@@ -324,25 +324,21 @@ def expert_load(sae: SwitchSAE, batches: Iterable[Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def batch_mode_l0(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> float:
-    """Mean L0 with the activation in training mode (for BatchTopK: batch-level top-k, so this is
-    k by construction at the training batch size); restores eval mode afterwards."""
+    """Mean L0 of the training function (for BatchTopK: batch-level top-k, so this is k by
+    construction at the training batch size)."""
     return train_rule_metrics(sae, batches)["l0_batch_mode"]
 
 
 @torch.no_grad()
 def train_rule_metrics(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str, float]:
     """``l0_batch_mode`` and ``fvu_train_rule``: L0 and FVU of the function the SAE was trained
-    as, its activation in training mode (BatchTopK, Sampled: the batch-level selection over
-    ``batches``, which should be training-sized), next to the deployed inference rule (the
-    global threshold θ) that every other metric uses. Restores eval mode afterwards."""
-    sae.activation.train()
-    try:
-        stats = ReconstructionStats(sae.d_sae)
-        for x in batches:
-            out = sae(x)
-            stats.update(x, out.recon, out.acts)
-    finally:
-        sae.activation.eval()
+    as (:meth:`~saelab.sae.model.SparseAutoencoder.forward_train`; BatchTopK, Sampled: the
+    batch-level selection over ``batches``, which should be training-sized), next to the
+    deployed inference rule (the global threshold θ) that every other metric uses."""
+    stats = ReconstructionStats(sae.d_sae)
+    for x in batches:
+        out = sae.forward_train(x)
+        stats.update(x, out.recon, out.acts)
     m = stats.metrics()
     return {"l0_batch_mode": m["l0"], "fvu_train_rule": m["fvu"]}
 
@@ -466,7 +462,7 @@ def spliced_pass(
             check_cache(clean, x, inputs.store, model_cfg.hookpoint)
         use = ~spared_all[i : i + len(ids)].to(device)
         kept = x[use]  # [n_kept, d_in]
-        out = sae(kept)
+        out = sae.infer(kept)
         recon_stats.update(kept, out.recon, out.acts)
         spliced = x.clone()
         spliced[use] = out.recon
@@ -516,7 +512,7 @@ def _all_spliced(
         return ce
     spliced = x.clone()
     tail = x[:, start:].reshape(-1, x.shape[-1])
-    spliced[:, start:] = sae(tail).recon.view_as(x[:, start:])
+    spliced[:, start:] = sae.infer(tail).recon.view_as(x[:, start:])
     all_ce = token_losses(runner.logits(ids.shape, spliced), ids, start)[0]
     return torch.where(has_sink[:, None], all_ce, ce)
 
@@ -564,9 +560,10 @@ def _agree(a: Any, b: Any) -> bool:
 @dataclass(frozen=True)
 class EvaluationInputs:
     """What an evaluation reads, loaded and checked against each other and the params
-    (:func:`open_evaluation`): the SAE (eval mode), its directory, the cached eval store, the
-    evaluated contexts ``[n_ctx, ctx_len] int64``, the baseline, and the LM's config with its
-    dtype resolved for the device it runs on (:func:`saelab.config.resolve_model`)."""
+    (:func:`open_evaluation`): the SAE (the metrics call its inference function by name), its
+    directory, the cached eval store, the evaluated contexts ``[n_ctx, ctx_len] int64``, the
+    baseline, and the LM's config with its dtype resolved for the device it runs on
+    (:func:`saelab.config.resolve_model`)."""
 
     sae: SparseAutoencoder
     sae_dir: Path

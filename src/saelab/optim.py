@@ -1,10 +1,10 @@
 """Adam for SAE parameters, run on contiguous aliases of their storage.
 
-torch's fused CPU Adam (one kernel over all parameters, ~7x faster than the default foreach
+torch's fused CPU Adam (one kernel over all parameters, much faster than the default foreach
 implementation on CPU) works on contiguous memory: a parameter that is not contiguous is
 copied out and back on every step. ``W_enc [d_in, d_sae]`` is stored column-major (it starts
-as ``W_dec.T.clone()``, and the sparse path's gradient has that layout too), so at d_in 768,
-d_sae 16,384 that copy took 23-33 ms of a 42-52 ms optimizer step (``bench/optim.py``). Adam is
+as ``W_dec.T.clone()``, and the sparse path's gradient has that layout too), and that copy was
+most of the optimizer step (measured in docs/performance.md, ``bench/optim.py``). Adam is
 elementwise, so running it on the contiguous ``[d_sae, d_in]`` view ``W_enc.t()`` (same memory)
 with the gradient's matching view gives bit-identical parameters (``tests/test_optim.py``).
 """

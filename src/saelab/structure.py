@@ -223,9 +223,8 @@ def probe_tasks(
 
 @torch.no_grad()
 def encode_eval(sae: Any, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """SAE codes in eval (inference) mode: ``x [..., d_in]`` float32 -> ``[..., d_sae]``
-    float32 (numpy)."""
-    sae.eval()
+    """SAE codes of the inference function (``sae.encode``): ``x [..., d_in]`` float32 ->
+    ``[..., d_sae]`` float32 (numpy)."""
     flat = torch.from_numpy(x.reshape(-1, x.shape[-1]))
     codes = [sae.encode(flat[i : i + batch]) for i in range(0, len(flat), batch)]
     return torch.cat(codes).numpy().reshape(*x.shape[:-1], -1)
@@ -418,18 +417,20 @@ def sharing_metrics(
     sae: Any, batches: list[tuple[Tensor, Tensor]], n_ctx: int, pool: int, p: StructureConfig
 ) -> dict[str, float]:
     """Feature-sharing metrics (module docstring) of ``sae`` on ``batches`` (from
-    :func:`context_batches`), in train and eval mode; ``pool``: the k*l latents of the share."""
+    :func:`context_batches`), of the training function (``train``: ``sae.forward_train``) and
+    of the inference function (``eval``: ``sae.encode``); ``pool``: the k*l latents of the
+    share."""
     out: dict[str, float] = {
         "sharing_pool_size": float(pool),
         "sharing_batches": float(len(batches)),
     }
     d_sae = sae.W_dec.shape[0]
     for mode in ("train", "eval"):
-        sae.train(mode == "train")
+        encode = (lambda x: sae.forward_train(x).acts) if mode == "train" else sae.encode
         distinct, share = [], []
         counts = torch.zeros(n_ctx, d_sae, dtype=torch.float64)
         for x, ctx in batches:
-            acts = sae.encode(x)  # [batch, d_sae]
+            acts = encode(x)  # [batch, d_sae]
             fired = acts > 0
             distinct.append(float(fired.any(0).sum()))
             mass = acts.sum(0).double()
@@ -437,7 +438,6 @@ def sharing_metrics(
                 float(mass.topk(min(pool, d_sae)).values.sum() / mass.sum().clamp_min(1e-30))
             )
             counts.index_add_(0, ctx, fired.double())
-        sae.eval()
         for key, vals in (("distinct_latents", distinct), ("pool_mass_share", share)):
             vals = np.asarray(vals)
             w = stratified_weights(np.zeros(len(vals)), p.n_bootstrap, p.seed)

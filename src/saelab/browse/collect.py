@@ -279,15 +279,15 @@ def collect_features(
     exclude_first_position: bool,
     seed: int,
 ) -> FeatureStats:
-    """Run ``sae`` (eval mode: BatchTopK and Sampled use their global threshold) over every row
-    of the activation store ``activations`` and collect :class:`FeatureStats`.
+    """Run ``sae``'s inference function (``sae.encode``: BatchTopK and Sampled use their global
+    threshold) over every row of the activation store ``activations`` and collect
+    :class:`FeatureStats`.
 
     Excluded, never encoded: position 0 of each context when ``exclude_first_position``, and
     tokens whose norm exceeds ``sae.metadata["max_norm"]`` (when set), as in training and
     evaluation. Memory: one block of ``batch_contexts * ctx_len`` tokens (its dense
     ``[tokens, d_sae]`` code) plus the collector's per-latent state.
     """
-    sae.eval()
     store = ActivationStore(activations)
     max_norm = sae.metadata.get("max_norm")
     collector = FeatureCollector(sae.d_sae, n_top, n_samples, before, after, store.ctx_len, seed)
@@ -301,7 +301,7 @@ def collect_features(
             kept &= x.norm(dim=-1) <= max_norm
         acts = torch.zeros(len(x), sae.d_sae)
         if kept.any():
-            acts[kept] = sae(x[kept]).acts
+            acts[kept] = sae.encode(x[kept])
         if isinstance(sae, SwitchSAE) and kept.any():
             collector.add_expert_counts(sae.route(x[kept])[1], sae.n_experts)
         collector.update(first, acts, kept)

@@ -39,10 +39,10 @@ def build_features(
 ) -> dict[str, Any]:
     """Write the feature pages of the SAE in ``sae_dir`` into ``out`` (a new directory).
 
-    One pass of the SAE (eval mode) over every cached eval token (``activations/eval``), the
-    logit lens through the model's final norm and unembedding, decoder neighbours; see
-    :mod:`saelab.browse.build` for the files. Returns the cost: ``wall_s`` (seconds, by part),
-    ``peak_rss_mb`` and ``bytes`` written.
+    One pass of the SAE (its inference function) over every cached eval token
+    (``activations/eval``), the logit lens through the model's final norm and unembedding,
+    decoder neighbours; see :mod:`saelab.browse.build` for the files. Returns the cost:
+    ``wall_s`` (seconds, by part), ``peak_rss_mb`` and ``bytes`` written.
 
     Raises:
         ConfigError: the SAE is not a ``variant`` SAE, or the tokens do not match the cache.

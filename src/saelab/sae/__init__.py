@@ -3,6 +3,21 @@
 :func:`build_sae` and :func:`load_sae` are the entry points for every variant, each declared
 once in :mod:`saelab.sae.registry` by the module that defines it: the activation-based ones share
 :class:`SparseAutoencoder`; ``switch`` is :class:`SwitchSAE`.
+
+Shape suffixes, the one glossary for ``saelab.sae`` and the trainer (dictionary_learning's
+convention: ``acts_BS`` is [batch, d_sae]; one letter per dimension, a single letter for a 1-D
+tensor, a digit for a literal size):
+
+- ``B`` batch (tokens), ``D`` d_in, ``S`` d_sae (latents), ``K`` k (latents kept per token),
+  ``E`` n_experts (Switch);
+- ``N`` nnz: the selected (token, latent) entries of a sparse code, flat and token-major
+  (:class:`~saelab.sae.sparse.SparseCode`; BatchTopK's ``k * batch`` kept entries);
+- ``F`` a flat view of a ``[batch, d_sae]`` tensor (``batch * d_sae`` entries);
+- ``C`` candidates, a superset of a selection (top-k kernels, :mod:`saelab.sae.topk`);
+- ``M`` the columns of a slice of the dictionary: an expert's ``d_expert`` latents, or ``m``
+  per-token candidates;
+- ``T`` the tokens routed to one Switch expert; ``X`` the dead latents (AuxK); ``P`` Sampled's
+  pool of ``k * l`` features; ``G`` Matryoshka's prefix groups.
 """
 
 from __future__ import annotations

@@ -21,14 +21,25 @@ from saelab import distributed
 from saelab.sae import registry
 from saelab.sae.registry import HParam, VariantSpec, register
 from saelab.sae.sparse import SparseCode
-
-# Rows of the batch used to find a lower bound for BatchTopK's batch threshold (see
-# :func:`_batch_topk_indices_bounded`); a speed knob only, the selection is exact whatever it is.
-_SAMPLE_ROWS = 128
+from saelab.sae.topk import batch_topk as batch_topk  # re-exported (the kernels moved)
+from saelab.sae.topk import global_batch_topk, row_topk
 
 
 class SparsityActivation(nn.Module):
     """Base class: ``forward(pre_acts [batch, d_sae]) -> acts [batch, d_sae]``, acts >= 0.
+
+    Training and inference are two explicit functions, so that no caller depends on remembering
+    ``.train()`` / ``.eval()``:
+
+    - :meth:`training_acts`: the function the trainer differentiates. For the top-k families it
+      is relu(pre_acts) at the entries of :meth:`select`, the one place the selection rule is
+      written (:func:`acts_at`).
+    - :meth:`inference_acts`: the function a user of the trained SAE gets, one token at a time.
+
+    A per-token strategy (TopK, ReLU, JumpReLU) implements ``forward`` only: both functions are
+    it. A batch-level one (``batch_level``: BatchTopK and its subclasses) overrides both, and its
+    ``forward`` follows the ``nn.Module`` mode (training: :meth:`training_acts`, eval:
+    :meth:`inference_acts`) for torch users; the library calls the two functions by name.
 
     Subclasses set the class attribute ``variant`` (the name used by :func:`make_activation` and
     stored in ``cfg.json``) and expose ``k``, the target mean number of active latents per token.
@@ -62,6 +73,7 @@ class SparsityActivation(nn.Module):
     """
 
     variant: str = ""
+    batch_level: bool = False
     uses_auxk: bool = False
     sparse_training: bool = False
     autocast_safe: bool = True
@@ -73,6 +85,17 @@ class SparsityActivation(nn.Module):
 
     def forward(self, pre_acts: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def training_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], the training function (class
+        docstring), whatever the module's mode; ``forward`` unless ``batch_level``."""
+        return self.forward(pre_acts)
+
+    def inference_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], the inference function: each row's
+        acts depend on that row only, whatever the module's mode; ``forward`` unless
+        ``batch_level``."""
+        return self.forward(pre_acts)
 
     def bind(self, d_sae: int, d_in: int | None = None) -> None:
         """Size per-latent state for ``d_sae`` latents of an SAE on ``d_in``-wide inputs
@@ -97,15 +120,17 @@ class SparsityActivation(nn.Module):
         """Hyperparameters besides k, JSON-serialisable (``make_activation`` keywords)."""
         return {}
 
-    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """The entries training mode keeps, for the sparse training path
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The entries the training rule keeps, for the sparse training path
         (:mod:`saelab.sae.sparse`): ``(rows, cols)``, [nnz] int64 each, rows non-decreasing, such
-        that ``forward(pre_acts)`` is ``relu(pre_acts)`` at those entries and 0 elsewhere. Called
-        without autograd on ``pre_acts [batch, d_sae]``; may update state as ``forward`` does
-        (BatchTopK's ``last_min_kept``). Only strategies with ``sparse_training`` implement it.
-        A strategy whose L0 varies (ReLU, JumpReLU) may return None when too many entries are
-        active for the sparse path to pay (:func:`_active_entries`); the SAE then runs the dense
-        forward.
+        that :meth:`training_acts` is :meth:`sparse_acts` at those entries and 0 elsewhere (for
+        the top-k families and ReLU, ``relu(pre_acts)`` there: :func:`acts_at`; JumpReLU's
+        entries also cover its STE kernel, acts 0 where z <= θ). Called without autograd on
+        ``pre_acts [batch, d_sae]``; may update state as ``forward`` does (BatchTopK's
+        ``last_min_kept``). Only strategies with ``sparse_training`` implement it. A strategy
+        whose L0 varies (ReLU, JumpReLU) may return None when too many entries are active for
+        the sparse path to pay (:func:`_active_entries`); the SAE then runs the dense
+        :meth:`~saelab.sae.model.SparseAutoencoder.forward_train`.
         """
         raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
 
@@ -151,15 +176,16 @@ class TopK(SparsityActivation):
         self.k = k
 
     def forward(self, pre_acts: Tensor) -> Tensor:
-        """pre_acts [batch, d_sae] -> acts [batch, d_sae], at most k nonzero per row."""
-        k = min(self.k, pre_acts.shape[-1])
-        # topk before relu selects the same entries as topk after it (relu is monotone); relu on
-        # the k kept values only is cheaper than on the whole [batch, d_sae] tensor.
-        values_BK, indices_BK = pre_acts.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_acts).scatter_(-1, indices_BK, values_BK.relu())
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae], at most k nonzero per row: relu at
+        :meth:`select`'s entries."""
+        with torch.no_grad():
+            rows, cols = self.select(pre_acts.detach())
+        return acts_at(pre_acts, rows, cols)
 
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [batch * k] int64 of each token's k largest pre-activations."""
+        """(rows, cols) [batch * k] int64 of each token's k largest pre-activations (the
+        largest of their relu too: relu is monotone, and relu on the k kept values only is
+        cheaper than on the whole [batch, d_sae] tensor)."""
         batch, d_sae = pre_acts.shape
         k = min(self.k, d_sae)
         cols_BK = row_topk(pre_acts, k)[1]
@@ -173,8 +199,9 @@ class TopK(SparsityActivation):
 class BatchTopK(SparsityActivation):
     """BatchTopK (Bussmann et al. 2024, sec. 3) in training, a global JumpReLU at inference.
 
-    Training mode: keep the ``k * batch`` largest entries of relu(pre_acts) across the whole
-    batch, so the batch's mean L0 is k while one token may use more or fewer than k latents. The
+    Training (:meth:`training_acts`, :meth:`select`): keep the ``k * batch`` largest entries of
+    relu(pre_acts) across the whole batch, so the batch's mean L0 is k while one token may use
+    more or fewer than k latents. The
     smallest positive kept value of the batch, i.e. the global threshold that keeps the same
     entries (:meth:`batch_threshold`), is stored (detached, fp32 scalar tensor, NaN when nothing
     positive was kept) in ``last_min_kept`` for the trainer's threshold estimate, but only while
@@ -183,12 +210,14 @@ class BatchTopK(SparsityActivation):
     trainer then computes :meth:`batch_threshold` on float32 pre-activations itself, so θ never
     carries bf16 rounding (~0.4% of the value).
 
-    Eval mode: ``acts = pre_acts * (pre_acts > threshold)`` with one global threshold θ (the
-    ``threshold`` buffer, fp32 scalar, saved with the model), so a token's code no longer depends on
-    the rest of its batch. θ is 0 (plain ReLU) until the trainer sets it.
+    Inference (:meth:`inference_acts`): ``acts = pre_acts * (pre_acts > threshold)`` with one
+    global threshold θ (the ``threshold`` buffer, fp32 scalar, saved with the model), so a
+    token's code no longer depends on the rest of its batch. θ is 0 (plain ReLU) until the
+    trainer sets it.
     """
 
     variant = "batchtopk"
+    batch_level = True
     uses_auxk = True
     sparse_training = True
     threshold: Tensor
@@ -200,51 +229,58 @@ class BatchTopK(SparsityActivation):
         self.k = k
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.last_min_kept: Tensor | None = None
-        self.estimating = True  # record last_min_kept in training mode (set by the trainer)
+        self.estimating = True  # record last_min_kept in select (set by the trainer)
 
     def forward(self, pre_acts: Tensor) -> Tensor:
-        """pre_acts [batch, d_sae] -> acts [batch, d_sae] (see the class docstring)."""
-        if not self.training:
-            return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae]: :meth:`training_acts` in training
+        mode, :meth:`inference_acts` in eval mode (the ``nn.Module`` convention; the library
+        calls the two by name)."""
+        return self.training_acts(pre_acts) if self.training else self.inference_acts(pre_acts)
+
+    def training_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae]: relu at :meth:`select`'s entries, the
+        ``k * batch`` largest of the batch (class docstring); sets ``last_min_kept``."""
         with torch.no_grad():
-            rows_K, cols_K = self._kept(pre_acts.detach())
-            kept_K = rows_K * pre_acts.shape[1] + cols_K  # flat indices
-        values_K = pre_acts.flatten().gather(0, kept_K).relu()
-        self._record_threshold(pre_acts.detach(), values_K.detach())
-        return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_K, values_K).view_as(pre_acts)
+            rows_N, cols_N = self.select(pre_acts.detach())
+        return acts_at(pre_acts, rows_N, cols_N)
+
+    def inference_acts(self, pre_acts: Tensor) -> Tensor:
+        """pre_acts [batch, d_sae] -> acts [batch, d_sae] = pre_acts * (pre_acts > θ), a
+        JumpReLU with one global threshold (class docstring)."""
+        return torch.where(pre_acts > self.threshold, pre_acts, 0.0)
 
     @torch.no_grad()
     def select(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [k * batch] int64 of the kept entries (training mode), token-major; sets
-        ``last_min_kept`` as :meth:`forward` does."""
-        rows_K, cols_K = self._kept(pre_acts)
-        self._record_threshold(pre_acts, pre_acts[rows_K, cols_K].relu())
-        return rows_K, cols_K
+        """(rows, cols) [k * batch] int64 of the kept entries (the training rule), token-major;
+        sets ``last_min_kept`` (class docstring)."""
+        rows_N, cols_N = self._kept(pre_acts)
+        self._record_threshold(pre_acts, pre_acts[rows_N, cols_N].relu())
+        return rows_N, cols_N
 
     @torch.no_grad()
-    def _record_threshold(self, pre_acts: Tensor, values_K: Tensor) -> None:
+    def _record_threshold(self, pre_acts: Tensor, values_N: Tensor) -> None:
         """``last_min_kept`` = :meth:`batch_threshold` while ``estimating`` on float32
         ``pre_acts``, else None (class docstring)."""
         fp32 = pre_acts.dtype == torch.float32
         self.last_min_kept = (
-            self.batch_threshold(pre_acts, values_K) if self.estimating and fp32 else None
+            self.batch_threshold(pre_acts, values_N) if self.estimating and fp32 else None
         )
 
     @torch.no_grad()
-    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
+    def batch_threshold(self, pre_acts: Tensor, values_N: Tensor | None = None) -> Tensor:
         """The batch's threshold estimate (fp32 scalar tensor, NaN if none) for ``pre_acts
         [batch, d_sae]``: the smallest positive of the ``k * batch`` largest entries, the global
         threshold that selects this batch's kept set (Bussmann et al. 2024, sec. 3).
-        ``values_K`` [k * batch]: the kept acts when the caller has them (their minimum is the
+        ``values_N`` [k * batch]: the kept acts when the caller has them (their minimum is the
         answer); None: the selection is redone on ``pre_acts`` (use float32 for a float32 θ)."""
-        if values_K is None:
-            rows_K, cols_K = global_batch_topk(pre_acts, self.k)
-            values_K = pre_acts[rows_K, cols_K]
-        return _min_positive(values_K)
+        if values_N is None:
+            rows_N, cols_N = global_batch_topk(pre_acts, self.k)
+            values_N = pre_acts[rows_N, cols_N]
+        return _min_positive(values_N)
 
     def _kept(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) [k * batch] int64, token-major, of the entries kept in training mode: the
-        ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
+        """(rows, cols) [k * batch] int64, token-major, of the entries the training rule keeps:
+        the ``k * batch`` largest of ``pre_acts [batch, d_sae]`` (the largest of its relu, up to
         ties among entries <= 0, whose act is 0 either way). The one step subclasses change.
         In data-parallel training, the largest of the global batch (:func:`global_batch_topk`)."""
         return global_batch_topk(pre_acts, self.k)
@@ -253,46 +289,14 @@ class BatchTopK(SparsityActivation):
         return f"k={self.k}, threshold={float(self.threshold):.6g}"
 
 
-def row_topk(x_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each row's ``k`` largest entries of ``x_BS [batch, n]`` (any float dtype): (values
-    [batch, k], indices [batch, k] int64), unordered: ``x_BS.topk(k, dim=1, sorted=False)``
-    (the same values; among tied entries possibly other indices), in ~0.5-0.6 of its time on CPU
-    for ``k << n`` (``bench/topk.py``).
-
-    Two levels of chunk maxima. Split a row into chunks (entry j in chunk ``j mod (n / c1)``, so
-    the chunk maxima are an elementwise max of ``c1`` contiguous slices, one pass over the row).
-    The k largest entries lie in the k chunks of largest maximum: a chunk holding one of them,
-    value v, has a maximum >= v; were it not among those k chunks, their k maxima and v would be
-    k + 1 entries >= v, and v would not be among the k largest (ties: the values selected are the
-    same). The same holds one level up for groups of ``c2`` chunks. So: group maxima -> the k
-    best groups -> their ``k * c2`` chunk maxima -> the k best chunks -> their ``k * c1`` entries
-    -> ``topk``. Only the first level reads all n entries; ``torch.topk`` over them costs about
-    three such passes. Falls back to ``torch.topk`` when ``x_BS`` is not contiguous or its rows
-    do not split into at least ``2k`` groups.
-    """
-    batch, n = x_BS.shape
-    c1 = 8 if k <= 64 else 4  # entries per chunk: more chunks to gather from for a large k
-    for c2 in (8, 4):  # chunks per group
-        n2 = n // (c1 * c2)
-        if n % (c1 * c2) == 0 and n2 >= 2 * k and x_BS.is_contiguous():
-            break
-    else:
-        return x_BS.topk(k, dim=1, sorted=False)
-    n1 = n // c1
-    max_BN1 = x_BS.view(batch, c1, n1).amax(1)  # chunk j: entries j + i * n1
-    max_BN2 = max_BN1.view(batch, c2, n2).amax(1)  # group g: chunks g + i * n2
-    chunks_BC = _members(max_BN2.topk(k, dim=1, sorted=False).indices, c2, n2)  # [batch, k*c2]
-    best_BK = max_BN1.gather(1, chunks_BC).topk(k, dim=1, sorted=False).indices
-    entries_BE = _members(chunks_BC.gather(1, best_BK), c1, n1)  # [batch, k*c1]
-    values_BK, pick_BK = x_BS.gather(1, entries_BE).topk(k, dim=1, sorted=False)
-    return values_BK, entries_BE.gather(1, pick_BK)
-
-
-def _members(groups_BK: Tensor, size: int, stride: int) -> Tensor:
-    """[batch, k] int64 group indices g -> [batch, k * size] indices ``g + i * stride`` of their
-    members, i < size."""
-    offsets = torch.arange(size, device=groups_BK.device) * stride
-    return (groups_BK.unsqueeze(2) + offsets).flatten(1)
+def acts_at(pre_acts: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """[batch, d_sae] acts equal to relu(``pre_acts [batch, d_sae]``) at the entries ``(rows,
+    cols)`` ([nnz] int64 each, distinct) and 0 elsewhere, in ``pre_acts``' dtype and attached
+    to its graph through the kept values only: the dense form of a selection
+    (:meth:`SparsityActivation.select`)."""
+    kept_N = rows * pre_acts.shape[1] + cols  # flat indices
+    values_N = pre_acts.flatten().gather(0, kept_N).relu()
+    return torch.zeros_like(pre_acts).flatten().scatter_(0, kept_N, values_N).view_as(pre_acts)
 
 
 def _min_positive(values: Tensor) -> Tensor:
@@ -306,90 +310,6 @@ def _min_positive(values: Tensor) -> Tensor:
     if positive.numel() == 0:
         return torch.full((), float("nan"), device=values.device)
     return positive.min().float()
-
-
-def batch_topk(pre_BS: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """The ``n_keep`` largest entries of ``pre_BS [batch, d_sae]`` as (rows, cols), [n_keep]
-    int64 each, token-major (rows non-decreasing): BatchTopK's selection (Bussmann et al. 2024,
-    sec. 3).
-
-    Exact, without a selection over all ``batch * d_sae`` entries (one ``topk`` over a 67M-entry
-    tensor runs on one thread) and without a sort: each token's ``m = 4 * n_keep / batch``
-    largest entries are the candidates, and the ``n_keep`` largest candidates are kept, read back
-    in token order from a ``[batch, m]`` mask. With θ the smallest kept value, a token whose
-    smallest candidate is < θ has no entry >= θ outside its candidates, so when every token is
-    like that the result is the global selection (up to the order of ties, which ``topk`` leaves
-    unspecified). A token with all ``m`` candidates >= θ (more than 4× the mean share, and
-    positive) makes it fall back to :func:`_batch_topk_indices_bounded`.
-    """
-    batch, d_sae = pre_BS.shape
-    n_keep = min(n_keep, pre_BS.numel())
-    m = min(d_sae, 4 * math.ceil(n_keep / batch))
-    cand_v_BM, cand_i_BM = row_topk(pre_BS, m)
-    top = cand_v_BM.flatten().topk(n_keep, sorted=False)
-    if m < d_sae:
-        theta = top.values.min()
-        row_min_B = cand_v_BM.min(dim=1).values
-        if bool(((row_min_B >= theta) & (row_min_B > 0)).any()):
-            flat_K = _batch_topk_indices_bounded(pre_BS, n_keep).sort().values
-            return torch.div(flat_K, d_sae, rounding_mode="floor"), flat_K % d_sae
-    kept_BM = torch.zeros(batch, m, dtype=torch.bool, device=pre_BS.device)
-    kept_BM.view(-1)[top.indices] = True
-    rows_K, slots_K = kept_BM.nonzero().unbind(1)
-    return rows_K, cand_i_BM[rows_K, slots_K]
-
-
-def global_batch_topk(pre_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """BatchTopK's selection of the ``k * batch`` largest entries over the *global* batch of
-    data-parallel training, as (rows, cols) [n_kept] int64 of this rank's ``pre_BS [batch,
-    d_sae]``, token-major; :func:`batch_topk` of ``pre_BS`` with ``n_keep = k * batch`` at world
-    size 1 (the same call as before data parallelism).
-
-    Exact: the global kept set restricted to one rank lies within that rank's own ``n_keep``
-    largest entries (``n_keep = k * global batch``), so the ranks all-gather those values, take
-    θ = the ``n_keep``-th largest of them, and each keeps its entries > θ; entries equal to θ
-    are kept in rank order, then token order, until ``n_keep`` are kept in all. One process
-    breaks such ties in ``topk``'s unspecified order; with float32 pre-activations of
-    continuous inputs ties at θ do not occur in practice, in bf16 they can (then the kept set
-    differs only among equal values).
-    """
-    batch, d_sae = pre_BS.shape
-    if distributed.world_size() == 1:
-        return batch_topk(pre_BS, k * batch)
-    n_global = distributed.global_count(batch, pre_BS.device)
-    n_keep = min(k * n_global, n_global * d_sae)
-    rows_C, cols_C = batch_topk(pre_BS, min(n_keep, pre_BS.numel()))  # this rank's candidates
-    values_C = pre_BS[rows_C, cols_C].float()
-    gathered, _ = distributed.all_gather_cat(values_C)
-    theta = gathered.topk(n_keep, sorted=False).values.min()
-    greater_C, ties_C = values_C > theta, values_C == theta
-    counts = torch.zeros(2, distributed.world_size(), dtype=torch.int64, device=pre_BS.device)
-    counts[0, distributed.rank()], counts[1, distributed.rank()] = greater_C.sum(), ties_C.sum()
-    counts = distributed.all_sum(counts)
-    tie_budget = n_keep - int(counts[0].sum()) - int(counts[1, : distributed.rank()].sum())
-    tie_order_C = ties_C.cumsum(0) - 1  # index of each tie among this rank's, token order
-    keep_C = greater_C | (ties_C & (tie_order_C < tie_budget))
-    return rows_C[keep_C], cols_C[keep_C]
-
-
-def _batch_topk_indices_bounded(pre_BS: Tensor, n_keep: int) -> Tensor:
-    """Flat indices of :func:`batch_topk`'s selection, unordered, for any distribution of the
-    kept entries over the tokens: a quantile of a few rows gives a bound t, and the selection
-    runs over the entries > t only.
-    When fewer than ``n_keep`` entries exceed t, the kept set is not contained in them and this
-    falls back to one ``topk`` over everything; when at least ``n_keep`` do, every one of the
-    ``n_keep`` largest is among them."""
-    flat_N = pre_BS.flatten()
-    rows = pre_BS[:: max(1, pre_BS.shape[0] // _SAMPLE_ROWS)].flatten()
-    # Aim at twice the kept fraction so that the bound holds with a wide margin.
-    frac = min(1.0, 2.0 * n_keep / flat_N.numel())
-    rank = max(1, int((1.0 - frac) * rows.numel()))
-    bound = rows.kthvalue(rank).values
-    candidates_C = (flat_N > bound).nonzero().squeeze(1)
-    if candidates_C.numel() < n_keep:
-        return flat_N.topk(n_keep, sorted=False).indices
-    top = flat_N[candidates_C].topk(n_keep, sorted=False)
-    return candidates_C[top.indices]
 
 
 # Largest share of active entries, nnz / (batch * d_sae), at which ReLU and JumpReLU train on
@@ -835,7 +755,7 @@ class Sampled(BatchTopK):
     """Sampled-SAE (Oozeer et al. 2025, "Distribution-Aware Feature Selection for SAEs",
     sec. 3): BatchTopK restricted to a per-batch candidate pool of ``k * l`` features.
 
-    Training mode: score every feature column of ``relu(pre_acts) [batch, d_sae]``
+    Training: score every feature column of ``relu(pre_acts) [batch, d_sae]``
     (:func:`feature_scores`, ``score``), choose a pool of ``k * l`` features
     (:func:`select_pool`, ``pool``; ``sample`` draws from a ``torch.Generator`` seeded with
     ``seed``), then keep the ``k * batch`` largest entries of the pool's columns. When the pool
@@ -894,13 +814,13 @@ class Sampled(BatchTopK):
         if n_pool >= int((scores_S > 0).sum()):
             return super()._kept(pre_acts)  # the pool holds every firing feature
         pool_P = select_pool(scores_S, n_pool, self.pool, self._generator_on(pre_acts.device))
-        rows_K, slots_K = global_batch_topk(pre_acts[:, pool_P], self.k)
-        return rows_K, pool_P[slots_K]  # [batch, P] -> [batch, d_sae]
+        rows_N, slots_N = global_batch_topk(pre_acts[:, pool_P], self.k)
+        return rows_N, pool_P[slots_N]  # [batch, P] -> [batch, d_sae]
 
     @torch.no_grad()
-    def batch_threshold(self, pre_acts: Tensor, values_K: Tensor | None = None) -> Tensor:
+    def batch_threshold(self, pre_acts: Tensor, values_N: Tensor | None = None) -> Tensor:
         """The ``(k * batch)``-th largest entry of relu(``pre_acts``) over all features (class
-        docstring), whatever the pool kept (``values_K`` is ignored). When the pool held every
+        docstring), whatever the pool kept (``values_N`` is ignored). When the pool held every
         firing feature this is the minimum of the kept acts; the selection is redone anyway
         rather than re-scanning the batch to detect that rare case. It costs one unrestricted
         selection, so it runs only on the steps whose estimates the trainer averages

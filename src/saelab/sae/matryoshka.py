@@ -16,7 +16,7 @@ The paper sums squared errors over the prefixes, SAELens's ``MatryoshkaBatchTopK
 adds each inner level's MSE to the outer loss: a sum, as here, not a mean. The trainer's loss is
 ``FVU(x, x̂_M) + aux + sparsity``; this SAE's ``sparsity_loss`` returns the inner terms
 ``Σ_{m<M} FVU(x, x̂_m)`` (so ``sparsity_loss`` in the training metrics is that sum). FVU in place
-of the squared error is the project's loss for every variant (``saelab.train.fvu``); AuxK takes
+of the squared error is the project's loss for every variant (``saelab.sae.losses.fvu``); AuxK takes
 the full reconstruction's residual, as the reference code does. Inference is BatchTopK's: one
 global threshold θ estimated over the last steps (exported to SAELens as ``jumprelu``).
 
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from saelab.sae.activations import BatchTopK
+from saelab.sae.losses import fvu
 from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
 from saelab.sae.registry import HParam, VariantSpec, Violation, register
 from saelab.sae.sparse import SparseCode, offsets_of, sparse_decode
@@ -106,8 +107,6 @@ class MatryoshkaSAE(SparseAutoencoder):
         """``Σ_{m<M} FVU(x, x̂_m)`` for ``x [batch, d_in]`` and ``out`` = ``self(x)`` or
         ``self.forward_sparse(x)`` (scalar float32 attached to the graph; 0 with one prefix).
         The reconstructions come from :meth:`inner_recons`."""
-        from saelab.train import fvu
-
         recons = self.inner_recons(out, x.shape[0])
         if not recons:
             return x.new_zeros(())
@@ -136,8 +135,8 @@ class MatryoshkaSAE(SparseAutoencoder):
     ) -> list[Tensor]:
         """``Σ_{entries with w_{m-1} <= col < w_m} value W_dec[col]`` [batch, d_in] per inner
         group m (:func:`~saelab.sae.sparse.sparse_decode` of that group's entries, zero bias)."""
-        ends_M = torch.tensor(ends, device=code.cols.device)
-        group_N = torch.bucketize(code.cols, ends_M, right=True)
+        ends_G = torch.tensor(ends, device=code.cols.device)
+        group_N = torch.bucketize(code.cols, ends_G, right=True)
         zero_D = self.b_dec.detach().new_zeros(self.d_in)
         parts = []
         for m in range(len(ends)):

@@ -3,6 +3,12 @@
 ``pre_acts = (x - b_dec) @ W_enc + b_enc``, ``acts = activation(pre_acts)``,
 ``recon = acts @ W_dec + b_dec`` (Bussmann et al. 2024, sec. 2; Gao et al. 2024, sec. 2.2).
 
+Training and inference are two named functions (:meth:`SparseAutoencoder.forward_train`,
+:meth:`SparseAutoencoder.infer`), which differ for the batch-level activations (BatchTopK and its
+subclasses: the batch's top ``k * batch`` in training, a global threshold θ at inference); the
+library calls them by name, never relying on ``.train()`` / ``.eval()``. ``sae(x)`` follows the
+``nn.Module`` mode (training: ``forward_train``, eval: ``infer``) for torch users.
+
 Weight layout (the SAELens interchange layout): ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
 ``b_enc [d_sae]``, ``b_dec [d_in]``, all float32 ``nn.Parameter``.
 """
@@ -27,6 +33,26 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 _PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+def pre_activations(
+    x_BD: Tensor, W_enc_DM: Tensor, b_enc_M: Tensor, b_dec_D: Tensor, *, in_place: bool = False
+) -> Tensor:
+    """The encoder: x [batch, d_in] -> pre_acts [batch, m] = (x - b_dec) @ W_enc + b_enc for an
+    encoder ``W_enc_DM [d_in, m]``, ``b_enc_M [m]`` (the whole dictionary, an expert's block or
+    a few latents' columns) and ``b_dec_D [d_in]``; float32 (or the autocast dtype).
+
+    Computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)``: the same value, but b_dec's gradient
+    through the encoder becomes a [d_in] x [d_in, m] product instead of a [batch, m] x [m, d_in]
+    one (x needs no gradient), which saves one of the step's large matmuls. ``in_place``: the
+    bias is added in place to the product (for callers without autograd: ``addmm`` copies the
+    bias into the [batch, m] output before the GEMM, a pass as large as the GEMM's output); the
+    two forms may differ in the last bit.
+    """
+    bias_M = b_enc_M - b_dec_D @ W_enc_DM
+    if in_place:
+        return (x_BD @ W_enc_DM).add_(bias_M)
+    return torch.addmm(bias_M, x_BD, W_enc_DM)
 
 
 class SAEOutput(NamedTuple):
@@ -84,27 +110,39 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def encode_pre(self, x: Tensor) -> Tensor:
-        """x [batch, d_in] -> pre_acts [batch, d_sae] = (x - b_dec) @ W_enc + b_enc.
-
-        Computed as ``x @ W_enc + (b_enc - b_dec @ W_enc)``: the same value, but b_dec's gradient
-        through the encoder becomes a [d_in] x [d_in, d_sae] product instead of a
-        [batch, d_sae] x [d_sae, d_in] one (x needs no gradient), which saves one of the step's
-        large matmuls.
-        """
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+        """x [batch, d_in] -> pre_acts [batch, d_sae] = (x - b_dec) @ W_enc + b_enc
+        (:func:`pre_activations`)."""
+        return pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
 
     def encode(self, x: Tensor) -> Tensor:
-        """x [batch, d_in] -> acts [batch, d_sae] (sparse, >= 0)."""
-        return self.activation(self.encode_pre(x))
+        """x [batch, d_in] -> acts [batch, d_sae] (sparse, >= 0), the inference function
+        (:meth:`infer`) whatever the module's mode."""
+        return self.activation.inference_acts(self.encode_pre(x))
 
     def decode(self, acts: Tensor) -> Tensor:
         """acts [batch, d_sae] -> recon [batch, d_in] = acts @ W_dec + b_dec."""
         return torch.addmm(self.b_dec, acts, self.W_dec)
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """x [batch, d_in] -> SAEOutput(recon, acts, pre_acts)."""
+        """x [batch, d_in] -> SAEOutput(recon, acts, pre_acts): :meth:`forward_train` in
+        training mode, :meth:`infer` in eval mode (module docstring)."""
+        return self.forward_train(x) if self.training else self.infer(x)
+
+    def forward_train(self, x: Tensor) -> SAEOutput:
+        """x [batch, d_in] -> SAEOutput(recon, acts, pre_acts) of the training function (the
+        activation's :meth:`~saelab.sae.activations.SparsityActivation.training_acts`; for
+        BatchTopK the codes depend on the whole batch), whatever the module's mode."""
         pre_acts = self.encode_pre(x)
-        acts = self.activation(pre_acts)
+        acts = self.activation.training_acts(pre_acts)
+        return SAEOutput(self.decode(acts), acts, pre_acts)
+
+    def infer(self, x: Tensor) -> SAEOutput:
+        """x [batch, d_in] -> SAEOutput(recon, acts, pre_acts) of the inference function (the
+        activation's :meth:`~saelab.sae.activations.SparsityActivation.inference_acts`: each
+        token's code depends on that token only), whatever the module's mode. What the saved
+        SAE means: evaluation, probing, the feature browser and the export use it."""
+        pre_acts = self.encode_pre(x)
+        acts = self.activation.inference_acts(pre_acts)
         return SAEOutput(self.decode(acts), acts, pre_acts)
 
     @property
@@ -114,22 +152,21 @@ class SparseAutoencoder(nn.Module):
         return self.activation.sparse_training
 
     def forward_sparse(self, x: Tensor) -> SparseOutput | SAEOutput:
-        """The training-mode forward of :meth:`forward` for ``x [batch, d_in]`` float32, with
+        """:meth:`forward_train` for ``x [batch, d_in]`` float32, with
         the same recon and the same gradients, computed sparsely (:mod:`saelab.sae.sparse`): one
         dense encoder GEMM without autograd, the activation's :meth:`select`, then only the
         selected latents' encoder entries, decoder rows and gradients. When ``select`` declines
         (ReLU, JumpReLU with too many active entries for the sparse path to pay), the dense
-        :meth:`forward`'s output instead.
+        :meth:`forward_train`'s output instead.
 
         Raises:
             NotImplementedError: the activation has no sparse path (``sparse_training`` false).
         """
-        with torch.no_grad():  # x @ W_enc, then the bias in place: addmm copies the bias
-            # into the [batch, d_sae] output before the GEMM, a pass as large as the GEMM's output
-            pre_acts_BS = (x @ self.W_enc).add_(self.b_enc - self.b_dec @ self.W_enc)
+        with torch.no_grad():
+            pre_acts_BS = pre_activations(x, self.W_enc, self.b_enc, self.b_dec, in_place=True)
         selected = self.activation.select(pre_acts_BS)
         if selected is None:
-            return self(x)
+            return self.forward_train(x)
         rows, cols = selected
         pre_N = pre_acts_BS[rows, cols].float()
         del pre_acts_BS
@@ -142,8 +179,7 @@ class SparseAutoencoder(nn.Module):
     def pre_acts_of(self, x: Tensor, latents: Tensor) -> Tensor:
         """x [batch, d_in] -> pre_acts [batch, n] of the latents ``latents [n]`` int64 only,
         attached to the graph (AuxK's dead latents: a GEMM of n columns, not d_sae)."""
-        W_enc_DN = self.W_enc[:, latents]
-        return torch.addmm(self.b_enc[latents] - self.b_dec @ W_enc_DN, x, W_enc_DN)
+        return pre_activations(x, self.W_enc[:, latents], self.b_enc[latents], self.b_dec)
 
     def tokens_seen(self, x: Tensor) -> Tensor:
         """Per latent, how many tokens of ``x [batch, d_in]`` it could have fired on: [d_sae]
@@ -160,8 +196,8 @@ class SparseAutoencoder(nn.Module):
         return self.activation.hparams()
 
     def sparsity_loss(self, x: Tensor, out: SAEOutput | SparseOutput) -> Tensor:
-        """The variant's weighted training penalty on ``x [batch, d_in]`` with ``out = self(x)``
-        (scalar attached to the graph): the activation's
+        """The variant's weighted training penalty on ``x [batch, d_in]`` with
+        ``out = self.forward_train(x)`` (scalar attached to the graph): the activation's
         :meth:`~saelab.sae.activations.SparsityActivation.sparsity_loss` (L1, target L0, or 0);
         with ``out = self.forward_sparse(x)``, its sparse form
         (:meth:`~saelab.sae.activations.SparsityActivation.sparse_sparsity_loss`)."""

@@ -46,10 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from saelab import distributed
-from saelab.sae.activations import TopK, row_topk
-from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput
+from saelab.sae.activations import TopK
+from saelab.sae.model import SAEOutput, SparseAutoencoder, SparseOutput, pre_activations
 from saelab.sae.registry import HParam, VariantSpec, Violation, register
 from saelab.sae.sparse import SparseCode, gather_pre_acts, offsets_of, sparse_decode
+from saelab.sae.topk import row_topk
 
 
 class SwitchSAE(SparseAutoencoder):
@@ -122,24 +123,25 @@ class SwitchSAE(SparseAutoencoder):
             self.b_enc.view(E, M).unbind(0),
         )
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward_train(self, x: Tensor) -> SAEOutput:
         """x [batch, d_in] -> SAEOutput(recon [batch, d_in], acts [batch, d_sae],
         pre_acts [batch, d_sae]); acts are zero and pre_acts ``-inf`` outside each token's
-        expert. One encoder and one decoder matmul per expert that received tokens."""
+        expert. One encoder and one decoder matmul per expert that received tokens. Routing and
+        TopK are per token, so this is also the inference function (:meth:`infer`)."""
         probs_BE, expert_B = self.route(x)
         p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
         W_enc, W_dec, b_enc = self._experts()
         order, pre_rows, act_rows, recon_rows = [], [], [], []
         for e in range(self.n_experts):
-            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
-            if idx_N.numel() == 0:
+            idx_T = (expert_B == e).nonzero().squeeze(1)  # T = tokens routed to e
+            if idx_T.numel() == 0:
                 continue
-            pre_NM = torch.addmm(b_enc[e] - self.b_dec @ W_enc[e], x[idx_N], W_enc[e])
-            acts_NM = self.activation(pre_NM) * p_B[idx_N, None]
-            order.append(idx_N)
-            pre_rows.append(pre_NM)
-            act_rows.append(acts_NM)
-            recon_rows.append(torch.addmm(self.b_dec, acts_NM, W_dec[e]))
+            pre_TM = pre_activations(x[idx_T], W_enc[e], b_enc[e], self.b_dec)
+            acts_TM = self.activation.training_acts(pre_TM) * p_B[idx_T, None]
+            order.append(idx_T)
+            pre_rows.append(pre_TM)
+            act_rows.append(acts_TM)
+            recon_rows.append(torch.addmm(self.b_dec, acts_TM, W_dec[e]))
         inverse_B = torch.empty_like(expert_B)
         order_B = torch.cat(order)
         inverse_B[order_B] = torch.arange(order_B.numel(), device=x.device)
@@ -149,9 +151,10 @@ class SwitchSAE(SparseAutoencoder):
         return SAEOutput(recon_BD, acts_BS, pre_BS)
 
     def forward_sparse(self, x: Tensor) -> SparseOutput:
-        """The sparse training path (:mod:`saelab.sae.sparse`) of :meth:`forward`: same recon,
-        same gradients. Each expert's encoder GEMM runs on its tokens without autograd; only the
-        ``k`` selected latents per token enter the graph, scaled by the router probability."""
+        """The sparse training path (:mod:`saelab.sae.sparse`) of :meth:`forward_train`: same
+        recon, same gradients. Each expert's encoder GEMM runs on its tokens without autograd;
+        only the ``k`` selected latents per token enter the graph, scaled by the router
+        probability."""
         probs_BE, expert_B = self.route(x)
         p_B = probs_BE.gather(1, expert_B[:, None]).squeeze(1)
         rows, cols, values = self._select(x, expert_B)
@@ -170,13 +173,13 @@ class SwitchSAE(SparseAutoencoder):
         cols_BK = torch.empty(batch, k, dtype=torch.int64, device=x.device)
         values_BK = torch.empty(batch, k, dtype=torch.float32, device=x.device)
         for e in range(self.n_experts):
-            idx_N = (expert_B == e).nonzero().squeeze(1)  # N = tokens routed to e
-            if idx_N.numel() == 0:
+            idx_T = (expert_B == e).nonzero().squeeze(1)  # T = tokens routed to e
+            if idx_T.numel() == 0:
                 continue
-            pre_NM = (x[idx_N] @ W_enc[e]).add_(b_enc[e] - self.b_dec @ W_enc[e])
-            values_NK, local_NK = row_topk(pre_NM, k)
-            cols_BK[idx_N] = local_NK + e * self.d_expert
-            values_BK[idx_N] = values_NK.float()
+            pre_TM = pre_activations(x[idx_T], W_enc[e], b_enc[e], self.b_dec, in_place=True)
+            values_TK, local_TK = row_topk(pre_TM, k)
+            cols_BK[idx_T] = local_TK + e * self.d_expert
+            values_BK[idx_T] = values_TK.float()
         rows = torch.arange(batch, device=x.device).repeat_interleave(k)
         return rows, cols_BK.flatten(), values_BK.flatten()
 
@@ -189,9 +192,9 @@ class SwitchSAE(SparseAutoencoder):
         with torch.no_grad():
             probs_BE, expert_B = self.route(x)
             p_B = probs_BE.gather(1, expert_B[:, None])  # [batch, 1]
-        pre_BN = super().pre_acts_of(x, latents) * p_B
-        same_BN = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
-        return pre_BN.masked_fill(~same_BN, float("-inf"))
+        pre_BX = super().pre_acts_of(x, latents) * p_B
+        same_BX = expert_B[:, None] == torch.div(latents, self.d_expert, rounding_mode="floor")
+        return pre_BX.masked_fill(~same_BX, float("-inf"))
 
     @torch.no_grad()
     def tokens_seen(self, x: Tensor) -> Tensor:
@@ -209,9 +212,14 @@ class SwitchSAE(SparseAutoencoder):
         index_B1M = expert_B.view(B, 1, 1).expand(B, 1, M)
         return dense_BEM.scatter(1, index_B1M, rows_BM.unsqueeze(1)).view(B, E * M)
 
+    def infer(self, x: Tensor) -> SAEOutput:
+        """:meth:`forward_train`: routing and TopK are per token, so the trained function is
+        the inference function."""
+        return self.forward_train(x)
+
     def encode(self, x: Tensor) -> Tensor:
         """x [batch, d_in] -> acts [batch, d_sae] (routed; zero outside the token's expert)."""
-        return self.forward(x).acts
+        return self.infer(x).acts
 
     def sparsity_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Load-balancing loss ``balance_coef * n_experts * sum_e f_e P_e`` (module docstring)
