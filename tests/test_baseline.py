@@ -147,6 +147,8 @@ def test_identity_sae_recovers_all_of_the_loss(tiny, contexts, cached) -> None:
 
             return SAEOutput(x.clone(), torch.relu(x), x)
 
+        infer = forward  # the evaluation calls the SAE's inference function by name
+
     m = _evaluate(tiny, contexts, cached, Identity())
     assert m["delta_ce"] == pytest.approx(0.0, abs=1e-5)
     assert m["kl_div"] == pytest.approx(0.0, abs=1e-5)

@@ -190,7 +190,8 @@ def test_dvc_repro_killed_in_every_stage_then_rerun_gives_the_uninterrupted_outp
 ) -> None:
     """``dvc repro <stage>`` SIGKILLed together with its stage (the whole process group) at each
     point of KILLS in turn, prepare to evaluate, each run re-doing what the last ones lost
-    upstream of it; then ``dvc repro evaluate@<VARIANT>``: exit 0, outputs equal to an uninterrupted ``dvc repro`` in another copy,
+    upstream of it; then ``dvc repro evaluate@<VARIANT>``: exit 0, outputs equal to an
+    uninterrupted ``dvc repro`` in another copy,
     ``dvc status`` of the stages up to evaluate clean, no temporary directory or checkpoint
     left, and no MLflow run left RUNNING (a killed stage's run ends KILLED, or is reopened and
     finished)."""

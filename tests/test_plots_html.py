@@ -104,7 +104,8 @@ def test_dvc_plots_show_renders_offline(plots_repo: Path, tmp_path: Path) -> Non
     """`dvc plots show` with no flags writes a page without CDN scripts on which offline
     Chromium draws every plot: one point per pareto.json row in both Pareto plots, a line per
     variant in each histogram, a point per record and a line per line label in the study's
-    fronts (reports/main/fronts/, committed by the report stage). DVC's default page, rendered the same way, draws nothing."""
+    fronts (reports/main/fronts/, committed by the report stage). DVC's default page, rendered
+    the same way, draws nothing."""
     browser = _browser()
     _dvc(plots_repo, "plots", "show")
     page = plots_repo / "dvc_plots" / "index.html"
