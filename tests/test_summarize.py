@@ -128,3 +128,14 @@ def test_paired_differences_known_answers() -> None:
     assert row["fvu_diff"] < 0 and row["fvu_diff_ci_high"] < 0  # b's errors are twice a's
     with pytest.raises(ValueError, match="different contexts"):
         paired_differences({"a": a, "c": _sums(ce[:10], err[:10], rng)}, 200, 0)
+
+
+def test_error_bars_of_an_interval_that_excludes_its_point_are_not_negative() -> None:
+    """A percentile interval above its point estimate (possible for a ratio on few contexts)
+    draws a zero lower bar instead of a negative one, which matplotlib refuses."""
+    from saelab.summarize import _yerr
+
+    rows = [{"fvu": 0.30, "fvu_ci_low": 0.31, "fvu_ci_high": 0.35},
+            {"fvu": 0.40, "fvu_ci_low": 0.38, "fvu_ci_high": 0.41}]  # fmt: skip
+    assert _yerr(rows, "fvu") == pytest.approx(np.array([[0.0, 0.02], [0.05, 0.01]]))
+    assert _yerr([{"fvu": 0.3}], "fvu") is None

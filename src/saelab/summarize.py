@@ -54,11 +54,15 @@ def summary_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _yerr(rows: Sequence[Mapping[str, Any]], y: str) -> np.ndarray | None:
-    """Asymmetric error bars [2, n] from ``<y>_ci_low`` / ``<y>_ci_high``, None without them."""
+    """Asymmetric error bars [2, n] from ``<y>_ci_low`` / ``<y>_ci_high``, None without them.
+    A bootstrap percentile interval of a ratio (FVU, CE recovered) can exclude its point
+    estimate on few contexts; that side's bar is then 0 (matplotlib refuses a negative one),
+    and the JSON summary keeps the interval as computed."""
     if not all(f"{y}_ci_low" in r and f"{y}_ci_high" in r for r in rows):
         return None
-    return np.array([[r[y] - r[f"{y}_ci_low"] for r in rows],
+    bars = np.array([[r[y] - r[f"{y}_ci_low"] for r in rows],
                      [r[f"{y}_ci_high"] - r[y] for r in rows]])  # fmt: skip
+    return np.maximum(bars, 0.0)
 
 
 def _tagged(variant: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
