@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,12 +171,16 @@ def hook_resid(
 
 
 @torch.inference_mode()
-def capture_resid(model: nn.Module, cfg: ModelConfig, input_ids: torch.Tensor) -> torch.Tensor:
+def capture_resid(
+    model: nn.Module, cfg: ModelConfig, input_ids: torch.Tensor, **forward_kwargs: Any
+) -> torch.Tensor:
     """Residual stream at the hookpoint, running only the layers up to it.
 
     input_ids: [batch, seq] int64. Returns [batch, seq, d_in] in the model's dtype. The forward
     pass is stopped by an exception right after the hookpoint, so no later layer, final norm or
     lm_head runs (the cost is ~(L+1)/n_layers of a full forward for resid_post).
+    ``forward_kwargs`` go to the model's forward (default ``use_cache=False``; e.g. a KV cache
+    and ``use_cache=True``, which the truncated forward fills up to the hookpoint's layer).
     """
     captured: list[torch.Tensor] = []
 
@@ -185,7 +190,7 @@ def capture_resid(model: nn.Module, cfg: ModelConfig, input_ids: torch.Tensor) -
 
     with hook_resid(model, cfg, grab):
         try:
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids, **{"use_cache": False, **forward_kwargs})
         except _StopForward:
             pass
     if not captured:

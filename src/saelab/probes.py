@@ -413,31 +413,6 @@ def capture_batched(
     return np.concatenate(out)
 
 
-class _Stop(Exception):
-    """Raised by the hook to end a forward pass at the hookpoint."""
-
-
-def _truncated_forward(model: nn.Module, cfg: ModelConfig, ids: torch.Tensor, **kwargs: Any):
-    """Residual ``[batch, seq, d_in]`` (model dtype) at the hookpoint; the forward stops there
-    (as :func:`saelab.capture.capture_resid`), ``kwargs`` passed to it (a KV cache)."""
-    from saelab.capture import hook_resid
-
-    captured: list[torch.Tensor] = []
-
-    def grab(resid: torch.Tensor) -> None:
-        captured.append(resid.detach())
-        raise _Stop
-
-    with hook_resid(model, cfg, grab):
-        try:
-            model(input_ids=ids, **kwargs)
-        except _Stop:
-            pass
-    if not captured:
-        raise RuntimeError(f"hookpoint {cfg.hookpoint} was not reached in the forward pass")
-    return captured[0]
-
-
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward's KV-cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
     import inspect
@@ -462,6 +437,8 @@ def capture_prefixed(
 
     from transformers import DynamicCache
 
+    from saelab.capture import capture_resid
+
     device = next(model.parameters()).device
     key = _cache_kwarg(model)
     n_prefix = len(prompts.prefix_ids)
@@ -471,13 +448,13 @@ def capture_prefixed(
         p1 = min(p0 + batch, n_prefix)
         cache = DynamicCache(config=model.config)
         ids = torch.from_numpy(prompts.prefix_ids[p0:p1]).to(device)
-        _truncated_forward(model, cfg, ids, **{key: cache, "use_cache": True})
+        capture_resid(model, cfg, ids, **{key: cache, "use_cache": True})
         for r0 in range(starts[p0], starts[p1], query_rows):
             r1 = min(r0 + query_rows, starts[p1])
             sub = copy.deepcopy(cache)  # the query's forward appends to it
             sub.batch_select_indices(torch.from_numpy(prompts.prefix_of[r0:r1] - p0).to(device))
             q = torch.from_numpy(prompts.query_ids[r0:r1]).to(device)
-            resid = _truncated_forward(model, cfg, q, **{key: sub, "use_cache": True})
+            resid = capture_resid(model, cfg, q, **{key: sub, "use_cache": True})
             out.append(resid[:, -1].float().cpu().numpy())
     return np.concatenate(out)
 
