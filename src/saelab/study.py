@@ -571,19 +571,28 @@ def finished_experiments(shown: Any) -> list[Finished]:
     return found
 
 
-def experiment_baselines(cwd: str | Path = ".") -> list[str]:
-    """The baseline commits of the repository's experiments: DVC 3 keeps a finished experiment
-    as the git ref ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (its queue and executor
-    refs, ``refs/exps/celery/...`` and ``refs/exps/exec/...``, are skipped)."""
-    out = _git(["for-each-ref", "--format=%(refname)", "refs/exps"], cwd) or ""
+def experiment_refs(cwd: str | Path = ".") -> list[tuple[str, str, str, int]]:
+    """``(baseline, name, commit, committer time in s)`` of every finished experiment, in ref
+    order: DVC 3 keeps one as the git ref ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``
+    (its queue and executor refs, ``refs/exps/celery/...`` and ``refs/exps/exec/...``, are
+    skipped); [] when git cannot list them."""
+    fmt = "--format=%(refname) %(objectname) %(committerdate:unix)"
+    out = _git(["for-each-ref", fmt, "refs/exps"], cwd) or ""
     found = []
-    for ref in out.splitlines():
+    for line in out.splitlines():
+        ref, commit, when = line.split(" ")
         parts = ref.split("/")
         if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{2}", parts[2]):
-            sha = parts[2] + parts[3]
-            if re.fullmatch(r"[0-9a-f]{40}", sha) and sha not in found:
-                found.append(sha)
+            baseline = parts[2] + parts[3]
+            if re.fullmatch(r"[0-9a-f]{40}", baseline):
+                found.append((baseline, parts[4], commit, int(when)))
     return found
+
+
+def experiment_baselines(cwd: str | Path = ".") -> list[str]:
+    """The baseline commits of the repository's experiments (:func:`experiment_refs`), once
+    each."""
+    return list(dict.fromkeys(baseline for baseline, *_ in experiment_refs(cwd)))
 
 
 def exp_show(cwd: str | Path = ".") -> Any:

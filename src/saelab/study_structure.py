@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from saelab.config import ConfigError, PipelineConfig, parse_params
-from saelab.study import scalar_metrics
+from saelab.study import experiment_refs, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +41,13 @@ workspace's (:func:`exp_params`), the settings the probe data was built with."""
 
 def exp_commits(cwd: str | Path = ".") -> dict[str, str]:
     """``{experiment name: commit}`` of every finished ``dvc exp`` in the repository at ``cwd``
-    (refs ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``; a name under several baselines:
-    the most recent commit).
-
-    Raises:
-        subprocess.CalledProcessError: git failed.
-    """
-    out = subprocess.run(
-        ["git", "for-each-ref", "--sort=committerdate", "--format=%(objectname) %(refname)",
-         "refs/exps"],
-        cwd=cwd, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    found = {}
-    for line in out.splitlines():
-        sha, ref = line.split(" ", 1)
-        parts = ref.split("/")
-        if len(parts) == 5 and re.fullmatch(r"[0-9a-f]{2}", parts[2]):
-            found[parts[4]] = sha
-    return found
+    (:func:`saelab.study.experiment_refs`; a name under several baselines: the most recent
+    commit)."""
+    latest: dict[str, tuple[int, str]] = {}
+    for _, name, commit, when in experiment_refs(cwd):
+        if name not in latest or when >= latest[name][0]:
+            latest[name] = (when, commit)
+    return {name: commit for name, (_, commit) in latest.items()}
 
 
 def _overlay(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
