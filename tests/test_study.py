@@ -305,11 +305,17 @@ def test_collect_from_metrics_dir(tmp_path) -> None:
 def test_cli_plan_and_collect(tmp_path, capsys, monkeypatch) -> None:
     """`saelab study plan` prints one quoted line per pending run; `saelab study collect
     --exp-json` fills the table, after which plan leaves those runs out; a bad study file
-    exits 2 with one line."""
+    exits 2 with one line. By default a run reproduces only ``evaluate@<variant>`` (a queued run
+    of the whole pipeline would also build probe_data, structure and features pages);
+    ``--all-stages`` queues the whole pipeline of its one variant."""
     study = _study(tmp_path)
-    main(["study", "plan", "--study", str(tmp_path), "--group", "pts"])
+    main(["study", "plan", "--study", str(tmp_path), "--group", "pts", "--all-stages"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[0].endswith("-S 'variants=[switch]'")
+    assert "evaluate@" not in lines[0]
+    main(["study", "plan", "--study", str(tmp_path), "--group", "pts"])
+    targeted = capsys.readouterr().out.splitlines()
+    assert [line.split()[6] for line in targeted] == ["evaluate@switch"] * 4
     shown = tmp_path / "shown.json"
     shown.write_text(json.dumps(_exp_show(study, ["switch-k32-d128-s0-E2"])))
     main(["study", "collect", "--study", str(tmp_path), "--exp-json", str(shown), "--no-curves"])

@@ -583,8 +583,10 @@ def study() -> None:
     "--submit", is_flag=True, help="queue them (dvc exp run --queue); then dvc queue start"
 )
 @click.option(
-    "--targets", is_flag=True,
-    help="run only evaluate@<variant> and what it needs (not summarize)",
+    "--targets/--all-stages", default=True, show_default=True,
+    help="queue dvc exp run evaluate@<variant>: the run's train and evaluate stages only; "
+    "--all-stages: the whole pipeline of its one variant (probe_data, structure, features, "
+    "summarize too: minutes more per run; study structure measures structure afterwards)",
 )  # fmt: skip
 def study_plan(study_dir: str, group: str | None, submit: bool, targets: bool) -> None:
     """Print the dvc exp run --queue line of every run not yet in the runs table."""
