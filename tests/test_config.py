@@ -1,11 +1,11 @@
-"""config.py: params.yaml -> frozen dataclasses; every wrong key is one clear line."""
+"""config.py: params.yaml -> frozen pydantic models; every wrong key is one clear line."""
 
 import copy
-from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from saelab.capture import check_hookpoint
 from saelab.config import (
@@ -36,7 +36,7 @@ def test_default_params_load_and_are_frozen() -> None:
     assert cfg.k == DEFAULT["k"]
     assert cfg.variants == tuple(DEFAULT["variants"])
     assert cfg.model.layer == 15 and cfg.model.site == "resid_pre"
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.k = 3  # type: ignore[misc]
 
 
