@@ -19,7 +19,6 @@ evaluate stage's per-SAE work since the baseline stage (issue 12): target ≤ 1 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 
 from saelab.baseline import clean_kl_terms, kl_from_terms, linear_head, token_ce  # noqa: E402
 from saelab.capture import decoder_layers, hook_resid, load_model, load_tokenizer, splice_fn  # noqa: E402
-from saelab.config import load_params  # noqa: E402
+from saelab.config import load_params, replace  # noqa: E402
 from saelab.data import pack_contexts, read_corpus  # noqa: E402
 from saelab.evaluate import _token_losses, downstream_metrics  # noqa: E402
 from saelab.sae import build_sae  # noqa: E402
@@ -90,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_params(args.params)
-    model_cfg = dataclasses.replace(cfg.model, hookpoint=args.hookpoint, device="cpu")
+    model_cfg = replace(cfg.model, hookpoint=args.hookpoint, device="cpu")
     model = load_model(model_cfg, torch.device("cpu"))
     docs = read_corpus([Path(args.corpus)])[:40]
     contexts = pack_contexts(docs, load_tokenizer(model_cfg), args.ctx_len)[: args.batch]

@@ -19,7 +19,6 @@ activations on the same words, and the cosine of bf16 to fp32 activations. Run:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 
@@ -60,7 +59,7 @@ def main() -> None:
     )
     acts = {}
     for dtype in ("float32", "bfloat16"):
-        mcfg = dataclasses.replace(cfg.model, dtype=dtype, device="cpu")
+        mcfg = cfg.model.model_copy(update={"dtype": dtype, "device": "cpu"})
         model = load_model(mcfg, torch.device("cpu"))
         full_ids = prompts.full_ids(rows)
         capture_batched(model, mcfg, full_ids[:16], 16, prompts.word_pos)  # warm-up

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import time
@@ -90,7 +89,7 @@ def main() -> None:
     ap.add_argument("--out", default="lm_dtype.json")
     args = ap.parse_args()
     cfg = load_params(args.params)
-    fp32 = load_model(dataclasses.replace(cfg.model, dtype="float32"), torch.device("cpu"))
+    fp32 = load_model(cfg.model.model_copy(update={"dtype": "float32"}), torch.device("cpu"))
     models = {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
     n_max = max(args.n_act, args.n_ce, 16)
     ids_all = torch.from_numpy(read_tokens(args.tokens, "eval")[:n_max].astype(np.int64))

@@ -28,7 +28,6 @@ Training data path: a store ``scale`` times the real one, made of its chunk file
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -64,8 +63,8 @@ def child_cache(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     keep_freed_memory(args.malloc == "kept")
     cfg = load_params(args.params)
-    cfg = dataclasses.replace(
-        cfg, cache=dataclasses.replace(cfg.cache, chunk_tokens=args.chunk_tokens)
+    cfg = cfg.model_copy(
+        update={"cache": cfg.cache.model_copy(update={"chunk_tokens": args.chunk_tokens})}
     )
     model = load_model(cfg.model, torch.device("cpu"))
     setup = _status_kib("VmHWM")

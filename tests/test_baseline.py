@@ -36,7 +36,13 @@ def tiny(request):
     """A tiny Llama (linear LM head: KL from the baseline's clean terms) and a tiny Gemma 2
     (soft-capped logits: KL from the clean logits of the baseline's LM-head inputs)."""
     path = request.getfixturevalue(f"tiny_{request.param}_dir")
-    cfg = ModelConfig(str(path), None, "float32", "blocks.2.hook_resid_pre", "cpu")
+    cfg = ModelConfig(
+        name_or_path=str(path),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint="blocks.2.hook_resid_pre",
+        device="cpu",
+    )
     return cfg, load_model(cfg, torch.device("cpu"))
 
 

@@ -1,8 +1,6 @@
 """capture.py: hooks read the residual stream at the hookpoint, run only the layers up to it, and
 replace it exactly when splicing."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -17,7 +15,13 @@ from saelab.config import ConfigError, ModelConfig
 
 
 def _cfg(model_dir, hookpoint: str) -> ModelConfig:
-    return ModelConfig(str(model_dir), None, "float32", hookpoint, "cpu")
+    return ModelConfig(
+        name_or_path=str(model_dir),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint=hookpoint,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -37,7 +41,7 @@ def test_capture_matches_hidden_states(tiny, ids, site: str, offset: int) -> Non
     """resid_pre of layer L is hidden_states[L] (the input of layer L), resid_post is
     hidden_states[L + 1], as transformers reports them from a full forward."""
     cfg, model = tiny
-    cfg = dataclasses.replace(cfg, hookpoint=f"blocks.1.hook_{site}")
+    cfg = cfg.model_copy(update={"hookpoint": f"blocks.1.hook_{site}"})
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(capture_resid(model, cfg, ids), hidden[1 + offset])

@@ -1,11 +1,11 @@
-"""config.py: params.yaml -> frozen dataclasses; every wrong key is one clear line."""
+"""config.py: params.yaml -> frozen pydantic models; every wrong key is one clear line."""
 
 import copy
-from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from saelab.capture import check_hookpoint
 from saelab.config import (
@@ -36,7 +36,7 @@ def test_default_params_load_and_are_frozen() -> None:
     assert cfg.k == DEFAULT["k"]
     assert cfg.variants == tuple(DEFAULT["variants"])
     assert cfg.model.layer == 15 and cfg.model.site == "resid_pre"
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.k = 3  # type: ignore[misc]
 
 
@@ -89,6 +89,59 @@ def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) ->
         parse_params(_with(key, value))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("k", True, "params: k must be of type int (got True)"),
+        ("data.eval_fraction", True, "params: data.eval_fraction must be of type float (got True)"),
+        ("structure.ks", [1, "2"], "params: structure.ks[1] must be of type int (got '2')"),
+        ("structure.ks", [1, 0], "params: structure.ks must be a non-empty list of integers > 0"),
+        ("structure.ks", 5, "params: structure.ks must be a list"),
+        ("data", ["a"], "params: data must be a mapping of DataConfig keys"),
+        ("variant_params.sampled.l", True, "params: variant_params.sampled.l must be of type int"),
+        ("export.hub_id", "a/b/c", "params: export.hub_id must be null or a hub id (name or org/"),
+    ],
+)
+def test_strict_types_name_the_key(key: str, value, message: str) -> None:
+    """A bool is neither an int nor a number, a list's wrong item is named by its index, and a
+    section must be a mapping: each is one line."""
+    with pytest.raises(ConfigError) as err:
+        parse_params(_with(key, value))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_integral_floats_are_ints_and_ints_are_numbers() -> None:
+    """YAML's ``16.0`` is the integer 16 (also in a list and in a variant's section) and ``0``
+    the number 0.0, as their fields' types."""
+    raw = _with("k", 16.0)
+    raw["structure"]["ks"] = [1.0, 2]
+    raw["variant_params"]["sampled"]["l"] = 8.0
+    raw["train"]["aux_coef"] = 0
+    cfg = parse_params(raw)
+    assert (cfg.k, cfg.structure.ks, cfg.variant_params.sampled.l) == (16, (1, 2), 8)
+    assert type(cfg.k) is int and type(cfg.structure.ks[0]) is int
+    assert type(cfg.train.aux_coef) is float
+
+
+def test_dump_is_params_yaml_and_replace_validates() -> None:
+    """model_dump gives back params.yaml's values, each variant's section included (MLflow's
+    params and the params hash read it); replace() checks the changed key like params.yaml's."""
+    import json
+
+    from saelab.config import replace
+
+    cfg = parse_params(DEFAULT)
+    dumped = json.loads(json.dumps(cfg.model_dump()))
+    assert dumped["variant_params"] == DEFAULT["variant_params"]
+    assert {k: v for k, v in dumped.items() if k not in ("data", "model")} == {
+        k: v for k, v in DEFAULT.items() if k not in ("data", "model")
+    }
+    assert replace(cfg.model, hookpoint="blocks.3.hook_resid_post").layer == 3
+    with pytest.raises(ConfigError, match=r"^params: model\.hookpoint must be blocks\.<layer>"):
+        replace(cfg.model, hookpoint="blocks.3.mlp_out")
 
 
 def test_unknown_key_is_named_with_the_allowed_ones() -> None:

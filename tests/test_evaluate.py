@@ -121,7 +121,13 @@ def test_batch_mode_l0_of_batchtopk_is_k_and_mode_is_restored() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_llama_dir):
-    cfg = ModelConfig(str(tiny_llama_dir), None, "float32", "blocks.2.hook_resid_pre", "cpu")
+    cfg = ModelConfig(
+        name_or_path=str(tiny_llama_dir),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint="blocks.2.hook_resid_pre",
+        device="cpu",
+    )
     return cfg, load_model(cfg, torch.device("cpu"))
 
 
@@ -205,7 +211,13 @@ def test_spliced_ce_and_kl_match_the_full_spliced_forward(tiny_llama, contexts, 
     the replacement hooked in, with sinks above max_norm kept clean (here the norm median, so
     about half of the tokens keep their activation)."""
     _, model = tiny_llama
-    cfg = ModelConfig(tiny_llama[0].name_or_path, None, "float32", hookpoint, "cpu")
+    cfg = ModelConfig(
+        name_or_path=tiny_llama[0].name_or_path,
+        gguf_file=None,
+        dtype="float32",
+        hookpoint=hookpoint,
+        device="cpu",
+    )
     resid = torch.cat([capture_resid(model, cfg, ids) for ids in contexts.split(4)])
     max_norm = resid[:, 1:].norm(dim=-1).median().item()
 

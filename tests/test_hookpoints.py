@@ -4,7 +4,6 @@ hookpoint, and cache_split_hookpoints writes the stores of one cache_split per h
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -26,7 +25,13 @@ HOOKPOINTS = ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.h
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tiny_llama_dir, tiny_gpt2_dir, one_thread_module):
     model_dir = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
-    cfg = ModelConfig(str(model_dir), None, "float32", HOOKPOINTS[0], "cpu")
+    cfg = ModelConfig(
+        name_or_path=str(model_dir),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint=HOOKPOINTS[0],
+        device="cpu",
+    )
     return cfg, load_model(cfg, CPU)
 
 
@@ -36,7 +41,7 @@ def test_capture_resids_equals_one_capture_per_hookpoint(tiny) -> None:
     not run; the resid_post of layer L is the resid_pre of layer L + 1."""
     cfg, model = tiny
     ids = torch.randint(1, 49152, (3, 16), generator=torch.Generator().manual_seed(0))
-    cfgs = [dataclasses.replace(cfg, hookpoint=h) for h in HOOKPOINTS]
+    cfgs = [cfg.model_copy(update={"hookpoint": h}) for h in HOOKPOINTS]
     ran: list[int] = []
     handles = [layer.register_forward_hook(lambda *_, i=i: ran.append(i))
                for i, layer in enumerate(decoder_layers(model))]  # fmt: skip
@@ -74,7 +79,9 @@ def test_cache_split_hookpoints_writes_the_store_of_each_hookpoint(
     outs = [tmp_path / f"multi-{i}" for i in range(3)]
     cache_split_hookpoints(model, cfg, hookpoints, contexts, outs, "tokens:train", "bfloat16")
     for hookpoint, out in zip(hookpoints, outs, strict=True):
-        one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hookpoint=hookpoint))
+        one = cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"hookpoint": hookpoint})}
+        )
         ref = tmp_path / f"one-{out.name}"
         cache_split(model, one, contexts, ref, "tokens:train", "bfloat16")
         files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())

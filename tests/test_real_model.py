@@ -21,7 +21,13 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    cfg = ModelConfig(str(SMOLLM2_DIR), SMOLLM2_GGUF, "float32", "blocks.15.hook_resid_pre", "cpu")
+    cfg = ModelConfig(
+        name_or_path=str(SMOLLM2_DIR),
+        gguf_file=SMOLLM2_GGUF,
+        dtype="float32",
+        hookpoint="blocks.15.hook_resid_pre",
+        device="cpu",
+    )
     return cfg, load_model(cfg, torch.device("cpu"))
 
 

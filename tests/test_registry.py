@@ -30,6 +30,7 @@ PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
         (HParam("a", float, high=2.5), "a number <= 2.5"),
         (HParam("a", str, choices=("x", "y")), "one of x, y"),
         (HParam("a", float, low=0, low_open=True, null="auto"), "null (auto) or a number > 0"),
+        (HParam("a", float, low=1, low_open=True, null=""), "null or a number > 1"),
     ],
 )
 def test_allowed_text_and_bounds(hparam: HParam, allowed: str) -> None:

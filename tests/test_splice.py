@@ -26,7 +26,13 @@ HOOKPOINTS = (
 def tiny_model(request, one_thread_module):
     """(model directory, loaded model) for each tiny architecture."""
     model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
-    cfg = ModelConfig(str(model_dir), None, "float32", HOOKPOINTS[0], "cpu")
+    cfg = ModelConfig(
+        name_or_path=str(model_dir),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint=HOOKPOINTS[0],
+        device="cpu",
+    )
     return model_dir, load_model(cfg, torch.device("cpu"))
 
 
@@ -36,7 +42,13 @@ def ids() -> torch.Tensor:
 
 
 def _cfg(model_dir, hookpoint: str) -> ModelConfig:
-    return ModelConfig(str(model_dir), None, "float32", hookpoint, "cpu")
+    return ModelConfig(
+        name_or_path=str(model_dir),
+        gguf_file=None,
+        dtype="float32",
+        hookpoint=hookpoint,
+        device="cpu",
+    )
 
 
 @torch.inference_mode()

@@ -36,7 +36,6 @@ model does something the suffix does not replay, e.g. a logit transform after th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -348,7 +347,7 @@ def run_baseline_stage(cfg: Any, tokens: Path, activations: Path, out: Path) -> 
     from saelab.store import sink_norm
 
     device = resolve_device(cfg.model.device)
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, device))
+    cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, device)})
     store = ActivationStore(activations / "eval")
     check_provenance(cfg.model, store=store)
     check_provenance(cfg.model, store=ActivationStore(activations / "train"))

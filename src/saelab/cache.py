@@ -25,7 +25,6 @@ yet): :func:`cache_split_hookpoints` writes one store per hookpoint, each the st
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from saelab.capture import (
     decoder_layers,
     dtype_name,
 )
-from saelab.config import PipelineConfig, recorded_path
+from saelab.config import PipelineConfig, recorded_path, replace
 from saelab.data import read_tokens
 from saelab.store import (
     ActivationWriter,
@@ -164,9 +163,8 @@ def cache_split_hookpoints(
         raise ValueError(f"{len(hookpoints)} hookpoints but {len(outs)} output stores")
     if distributed.world_size() > 1:
         raise ValueError("cache_split_hookpoints runs in one process (cache_split shards one)")
-    models = [dataclasses.replace(cfg.model, hookpoint=h) for h in hookpoints]
+    models = [replace(cfg.model, hookpoint=h) for h in hookpoints]  # ConfigError: model.hookpoint
     for m in models:
-        m.validate()  # ConfigError naming model.hookpoint
         check_hookpoint(m, len(decoder_layers(model)))
     n_ctx, ctx_len = contexts.shape
     d_in = model.config.get_text_config().hidden_size
@@ -176,7 +174,7 @@ def cache_split_hookpoints(
     with ExitStack() as stack:
         writers = []
         for m, out in zip(models, outs, strict=True):
-            attrs = _attrs(dataclasses.replace(cfg, model=m), model, ctx_len, source)
+            attrs = _attrs(cfg.model_copy(update={"model": m}), model, ctx_len, source)
             c = cfg.cache
             writer = ActivationWriter(out, n_ctx * ctx_len, d_in, store_dtype or c.store_dtype,
                                       c.codec, c.codec_level, c.chunk_tokens, attrs)  # fmt: skip

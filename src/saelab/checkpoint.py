@@ -84,7 +84,7 @@ def fingerprint(
     are per device type) and ``data_id``, a JSON-serialisable identity of the batches (e.g. the
     activation store's attributes and the token filters; None when the caller has none).
     """
-    cfg_fields = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _FREE_FIELDS}
+    cfg_fields = cfg.model_dump(exclude=set(_FREE_FIELDS))
     parts = {
         "format": FORMAT,
         "variant": sae.variant,

@@ -5,7 +5,6 @@ paths only. A bad parameter stops the command with one line naming the key, befo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -148,7 +147,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
         sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "cache", *args]))
     device = resolve_device(cfg.model.device)
     device = distributed.init_from_env(device.type) or device
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, device))  # attrs: no "auto"
+    cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, device)})  # attrs: no "auto"
     model = load_model(cfg.model, device)
     try:
         with distributed.data_parallel():
@@ -220,7 +219,7 @@ def train(
     tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # a new run's
     with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
         tracker.log_params({"variant": variant, "world_size": world,
-                            **flatten(dataclasses.asdict(cfg))})  # fmt: skip
+                            **flatten(cfg.model_dump())})  # fmt: skip
         summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id, whole)
         tracker.log_metrics({f"train_summary/{k}": v for k, v in summary.items()})
         metadata = _sae_metadata(cfg, store.attrs, summary, tracker.run_id)
@@ -237,7 +236,7 @@ def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, s
     pipeline run's parent when run by DVC, standalone otherwise."""
     from saelab.tracking import params_hash, variant_run_tags
 
-    digest = params_hash(dataclasses.asdict(cfg))
+    digest = params_hash(cfg.model_dump())
     return variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
 
 
@@ -432,10 +431,10 @@ def summarize(
         )
     write_json_atomic(out, data["summary"])
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    digest = params_hash(dataclasses.asdict(cfg))
+    digest = params_hash(cfg.model_dump())
     parent = pipeline_run_id(cfg.tracking.experiment, uri, digest)
     with mlflow_run(cfg.tracking.experiment, uri, "pipeline", {}, parent) as tracker:
-        tracker.log_params(flatten(dataclasses.asdict(cfg)))
+        tracker.log_params(flatten(cfg.model_dump()))
         tracker.log_metrics(
             {f"{v}/{k}": x for v, row in data["summary"].items() for k, x in _flat(row)}
         )

@@ -1,40 +1,60 @@
 """Typed, frozen configuration loaded strictly from ``params.yaml``.
 
 Every hyperparameter of the pipeline lives in ``params.yaml`` and nowhere else; output paths live
-in ``dvc.yaml``. :func:`load_params` turns the YAML into a :class:`PipelineConfig`; an unknown key,
-a missing key or a value out of range raises :class:`ConfigError` whose one-line message names the
-dotted key and what is allowed, before any stage does work.
+in ``dvc.yaml``. :func:`load_params` turns the YAML into a :class:`PipelineConfig`, a frozen
+pydantic model with one model per section. Every key is required (``dvc.yaml`` lists them);
+types are strict (an int is a number, an integral float an integer, a bool neither; YAML lists
+become tuples); the range of one key is a field constraint, a check across keys a model
+validator.
+An unknown key, a missing key or a value out of range raises :class:`ConfigError` whose one-line
+message names the dotted key and what is allowed (written from the constraint by
+:meth:`saelab.sae.registry.HParam.allowed_text`), before any stage does work.
 
 Relative paths in params (``data.corpus_dirs``, a local ``model.name_or_path``, a relative
 ``sqlite:///`` or plain-path ``tracking.tracking_uri``) mean paths relative to the repository
 root, and are made absolute here, once, against :func:`repo_root`: ``../shared/data`` is the
 same directory in the workspace, in ``dvc exp run --temp`` and in ``dvc queue start`` runs,
-which execute in a throw-away copy under ``<repo>/.dvc/tmp/exps/`` (see :func:`resolve_paths`).
+which execute in a throw-away copy under ``<repo>/.dvc/tmp/exps/`` (see :func:`resolve_paths`);
+only then are the directories and files they name checked to exist.
 Absolute paths, ``~`` paths and hub ids (``org/name``) are left as written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     import torch
 
-DTYPES = ("float32", "bfloat16", "float16")
+    from saelab.sae.registry import HParam
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Codec = Literal["zstd", "blosc_zstd", "blosc_lz4", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+Autocast = Literal["auto", "float32", "bfloat16"]
+DTYPES, CODECS, DEVICES, AUTOCAST = (get_args(t) for t in (Dtype, Codec, Device, Autocast))
 MODEL_DTYPES = ("auto", *DTYPES)
-CODECS = ("zstd", "blosc_zstd", "blosc_lz4", "none")
-DEVICES = ("auto", "cpu", "cuda")
-AUTOCAST = ("auto", "float32", "bfloat16")
 HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or org/name
 
 
 class ConfigError(ValueError):
@@ -48,8 +68,42 @@ class InputError(ConfigError):
     command line prints it as one line and exits 2 (``saelab.cli.main``)."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field: an int, or a float that is one (YAML's 1e6); never a bool (strict mode).
+Int = Annotated[int, BeforeValidator(_integral)]
+T = TypeVar("T", bound=BaseModel)
+
+
+def _f(allowed: str | None = None, null: str | None = None, **constraints: Any) -> Any:
+    """A required field with pydantic ``constraints`` (``ge``, ``gt``, ``le``, ``lt``,
+    ``min_length``, ``pattern``). Its error's allowed text is written from them unless
+    ``allowed`` is given; ``null``: what null means (an optional field)."""
+    extra = {k: v for k, v in (("allowed", allowed), ("null", null)) if v is not None}
+    return Field(json_schema_extra=extra or None, **constraints)
+
+
+def _require(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params: {key} must be {allowed}")
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, strict, no unknown keys, YAML lists as tuples."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+
+
+class DataConfig(Section):
     """prepare stage: corpus -> packed token contexts.
 
     corpus_dirs: directories of plain-text documents (one document per file).
@@ -57,23 +111,13 @@ class DataConfig:
     eval_fraction: fraction of each source's documents held out for evaluation (>= 1 per source).
     """
 
-    corpus_dirs: tuple[str, ...]
-    ctx_len: int
-    eval_fraction: float
-    seed: int
-
-    def validate(self) -> None:
-        _require(len(self.corpus_dirs) > 0, "data.corpus_dirs", "a non-empty list of directories")
-        for d in self.corpus_dirs:
-            _require(
-                Path(d).is_dir(), "data.corpus_dirs", f"existing directories; {d!r} is not one"
-            )
-        _require(2 <= self.ctx_len <= 8192, "data.ctx_len", "an integer in [2, 8192]")
-        _require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "a number in (0, 1)")
+    corpus_dirs: tuple[str, ...] = _f("a non-empty list of directories", min_length=1)
+    ctx_len: Int = Field(ge=2, le=8192)
+    eval_fraction: float = Field(gt=0, lt=1)
+    seed: Int
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """The language model and where its activations are read.
 
     name_or_path: a hub id (``org/name``, loaded from the local HF cache only when offline) or a
@@ -87,27 +131,12 @@ class ModelConfig:
 
     name_or_path: str
     gguf_file: str | None
-    dtype: str
-    hookpoint: str
-    device: str
-
-    def validate(self) -> None:
-        _require(self.dtype in MODEL_DTYPES, "model.dtype", f"one of {', '.join(MODEL_DTYPES)}")
-        _require(self.device in DEVICES, "model.device", f"one of {', '.join(DEVICES)}")
-        _require(
-            HOOKPOINT_RE.match(self.hookpoint) is not None,
-            "model.hookpoint",
-            "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post",
-        )
-        if _looks_local(self.name_or_path) or self.gguf_file is not None:
-            path = Path(self.name_or_path).expanduser()
-            _require(path.is_dir(), "model.name_or_path", f"an existing directory; {path} is not")
-            if self.gguf_file is not None:
-                _require(
-                    (path / self.gguf_file).is_file(),
-                    "model.gguf_file",
-                    f"a file inside {path}; {self.gguf_file!r} is not there",
-                )
+    dtype: Literal["auto", Dtype]
+    hookpoint: str = _f(
+        "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post",
+        pattern=HOOKPOINT_RE.pattern,
+    )
+    device: Device
 
     @property
     def layer(self) -> int:
@@ -120,8 +149,7 @@ class ModelConfig:
         return HOOKPOINT_RE.match(self.hookpoint).group(2)  # type: ignore[union-attr]
 
 
-@dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(Section):
     """cache stage: activations at the hookpoint -> zarr.
 
     max_train_tokens / max_eval_tokens: tokens cached per split (position 0 of every context
@@ -136,36 +164,17 @@ class CacheConfig:
     chunk_tokens: tokens per zarr chunk (a multiple of ctx_len keeps contexts whole).
     """
 
-    max_train_tokens: int
-    max_eval_tokens: int | None
-    batch_size: int
-    store_dtype: str
-    eval_store_dtype: str
-    codec: str
-    codec_level: int
-    chunk_tokens: int
-
-    def validate(self) -> None:
-        _require(self.max_train_tokens > 0, "cache.max_train_tokens", "an integer > 0")
-        _require(
-            self.max_eval_tokens is None or self.max_eval_tokens > 0,
-            "cache.max_eval_tokens",
-            "null (the whole eval split) or an integer > 0",
-        )
-        _require(self.batch_size > 0, "cache.batch_size", "an integer > 0")
-        _require(self.store_dtype in DTYPES, "cache.store_dtype", f"one of {', '.join(DTYPES)}")
-        _require(
-            self.eval_store_dtype in DTYPES,
-            "cache.eval_store_dtype",
-            f"one of {', '.join(DTYPES)}",
-        )
-        _require(self.codec in CODECS, "cache.codec", f"one of {', '.join(CODECS)}")
-        _require(0 <= self.codec_level <= 22, "cache.codec_level", "an integer in [0, 22]")
-        _require(self.chunk_tokens >= 1024, "cache.chunk_tokens", "an integer >= 1024")
+    max_train_tokens: Int = Field(gt=0)
+    max_eval_tokens: Int | None = _f(null="the whole eval split", gt=0)
+    batch_size: Int = Field(gt=0)
+    store_dtype: Dtype
+    eval_store_dtype: Dtype
+    codec: Codec
+    codec_level: Int = Field(ge=0, le=22)
+    chunk_tokens: Int = Field(ge=1024)
 
 
-@dataclass(frozen=True)
-class SAEConfig:
+class SAEConfig(Section):
     """Shape of every SAE.
 
     d_sae: dictionary size (number of latents).
@@ -180,21 +189,12 @@ class SAEConfig:
         Sun et al. 2024, "Massive Activations in Large Language Models".
     """
 
-    d_sae: int
+    d_sae: Int = Field(gt=0)
     exclude_first_position: bool
-    exclude_norm_factor: float | None
-
-    def validate(self) -> None:
-        _require(self.d_sae > 0, "sae.d_sae", "an integer > 0")
-        _require(
-            self.exclude_norm_factor is None or self.exclude_norm_factor > 1,
-            "sae.exclude_norm_factor",
-            "null or a number > 1",
-        )
+    exclude_norm_factor: float | None = Field(gt=1)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """train stage, shared by every variant.
 
     n_tokens: training tokens (after dropping position 0); may exceed the cache (epochs).
@@ -221,103 +221,79 @@ class TrainConfig:
         AVX2-only CPU runs a bf16 GEMM ~7x slower than fp32; ``docs/performance.md``).
     """
 
-    n_tokens: int
-    batch_size: int
-    lr: float | None
-    adam_beta1: float
-    adam_beta2: float
-    warmup_steps: int
-    lr_decay_fraction: float
-    grad_clip: float
-    threshold_fraction: float
-    scale_tokens: int
-    dead_tokens: int
-    k_aux: int
-    aux_coef: float
-    shuffle_chunks: int
-    log_every: int
-    checkpoint_every: int
-    seed: int
-    device: str
-    autocast: str
+    n_tokens: Int
+    batch_size: Int = Field(gt=0)
+    lr: float | None = _f(null="auto", gt=0)
+    adam_beta1: float = Field(ge=0, lt=1)
+    adam_beta2: float = Field(ge=0, lt=1)
+    warmup_steps: Int = Field(ge=0)
+    lr_decay_fraction: float = Field(ge=0, le=1)
+    grad_clip: float = Field(gt=0)
+    threshold_fraction: float = Field(gt=0, le=1)
+    scale_tokens: Int = Field(gt=0)
+    dead_tokens: Int = Field(gt=0)
+    k_aux: Int = Field(gt=0)
+    aux_coef: float = Field(ge=0)
+    shuffle_chunks: Int = Field(gt=0)
+    log_every: Int = Field(gt=0)
+    checkpoint_every: Int = _f("an integer >= 0 (0: never)", ge=0)
+    seed: Int
+    device: Device
+    autocast: Autocast
 
-    def validate(self) -> None:
-        _require(self.batch_size > 0, "train.batch_size", "an integer > 0")
+    @model_validator(mode="after")
+    def _whole_batch(self) -> TrainConfig:
         _require(self.n_tokens >= self.batch_size, "train.n_tokens", "an integer >= batch_size")
-        _require(self.lr is None or self.lr > 0, "train.lr", "null (auto) or a number > 0")
-        _require(0 <= self.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)")
-        _require(0 <= self.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0")
-        _require(0 <= self.lr_decay_fraction <= 1, "train.lr_decay_fraction", "a number in [0, 1]")
-        _require(self.grad_clip > 0, "train.grad_clip", "a number > 0")
-        _require(0 < self.threshold_fraction <= 1, "train.threshold_fraction", "a number in (0, 1]")
-        _require(self.scale_tokens > 0, "train.scale_tokens", "an integer > 0")
-        _require(self.dead_tokens > 0, "train.dead_tokens", "an integer > 0")
-        _require(self.k_aux > 0, "train.k_aux", "an integer > 0")
-        _require(self.aux_coef >= 0, "train.aux_coef", "a number >= 0")
-        _require(self.shuffle_chunks > 0, "train.shuffle_chunks", "an integer > 0")
-        _require(self.log_every > 0, "train.log_every", "an integer > 0")
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: never)")
-        _require(self.device in DEVICES, "train.device", f"one of {', '.join(DEVICES)}")
-        _require(self.autocast in AUTOCAST, "train.autocast", f"one of {', '.join(AUTOCAST)}")
+        return self
 
     @property
     def n_steps(self) -> int:
         return self.n_tokens // self.batch_size
 
 
-class HParams:
-    """Base of the generated config dataclass of one variant's hyperparameters (one field per
-    :class:`~saelab.sae.registry.HParam` of its spec; all required, so that ``dvc.yaml`` can list
-    ``variant_params.<variant>`` for every train stage)."""
-
-    variant: ClassVar[str] = ""
-
-    def validate(self) -> None:
-        """Each value within its :class:`~saelab.sae.registry.HParam`'s allowed range."""
-        from saelab.sae import registry
-
-        for h in registry.get(self.variant).hparams:
-            key = f"variant_params.{self.variant}.{h.name}"
-            _require(h.ok(getattr(self, h.name)), key, h.allowed_text())
+class HParams(Section):
+    """Base of the generated model of one variant's hyperparameters (one field per
+    :class:`~saelab.sae.registry.HParam` of its spec, checked by its ``ok``; all required, so
+    that ``dvc.yaml`` can list ``variant_params.<variant>`` for every train stage)."""
 
 
-class VariantParams:
+class VariantParams(Section):
     """Per-variant hyperparameters, one section per registered variant
-    (:mod:`saelab.sae.registry`); the dataclass is generated from the registry
+    (:mod:`saelab.sae.registry`); the model is generated from the registry
     (:func:`variant_params_class`), and this is its base."""
-
-    def validate(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            getattr(self, f.name).validate()
 
     def of(self, variant: str) -> dict[str, Any]:
         """The variant's hyperparameters: ``build_sae``'s ``hparams``."""
-        return dataclasses.asdict(getattr(self, variant))
+        return getattr(self, variant).model_dump()
+
+
+def _hparam_field(key: str, h: HParam) -> tuple[Any, Any]:
+    """``(annotation, field)`` of ``h``: its type (``int`` as :data:`Int`), checked by
+    ``h.ok``, whose error is ``params: <key> must be <h.allowed_text()>``."""
+
+    def check(value: Any) -> Any:
+        _require(h.ok(value), key, h.allowed_text())
+        return value
+
+    hint = Int if h.type is int else h.type
+    return Annotated[hint | None if h.null is not None else hint, AfterValidator(check)], ...
 
 
 @functools.cache
-def variant_params_class() -> type:
-    """The frozen dataclass of ``params.yaml``'s ``variant_params``: a field per registered
-    variant, of a generated :class:`HParams` dataclass named by its spec's ``params_class``
+def variant_params_class() -> type[VariantParams]:
+    """The frozen model of ``params.yaml``'s ``variant_params``: a field per registered
+    variant, of a generated :class:`HParams` model named by its spec's ``params_class``
     (``NoParams`` when it has none) with a typed field per hyperparameter."""
     from saelab.sae import registry
 
-    sections = []
+    sections: dict[str, Any] = {}
     for name, spec in registry.variants().items():
-        hparams = [(h.name, h.annotation) for h in spec.hparams]
-        cls = dataclasses.make_dataclass(
-            spec.params_class, hparams, bases=(HParams,), frozen=True,
-            namespace={"variant": name, "__doc__": f"{name}: {spec.rule}", "__module__": __name__},
-        )  # fmt: skip
-        sections.append((name, cls))
-    return dataclasses.make_dataclass(
-        "VariantParams",
-        sections,
-        bases=(VariantParams,),
-        frozen=True,
-        namespace={"__module__": __name__},
-    )
+        hparams = {h.name: _hparam_field(f"variant_params.{name}.{h.name}", h)
+                   for h in spec.hparams}  # fmt: skip
+        cls = create_model(spec.params_class, __base__=HParams, __module__=__name__,
+                           __doc__=f"{name}: {spec.rule}", **hparams)  # fmt: skip
+        sections[name] = (cls, ...)
+    return create_model("VariantParams", __base__=VariantParams, __module__=__name__, **sections)
 
 
 def variant_names() -> tuple[str, ...]:
@@ -345,8 +321,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     """evaluate stage.
 
     n_ctx: eval contexts evaluated (the first n_ctx cached ones), or None: every cached one.
@@ -355,21 +330,13 @@ class EvalConfig:
         (:mod:`saelab.stats`); one seed for every SAE, so that comparisons are paired.
     """
 
-    n_ctx: int | None
-    batch_size: int
-    n_bootstrap: int
-    bootstrap_seed: int
-
-    def validate(self) -> None:
-        _require(
-            self.n_ctx is None or self.n_ctx > 0, "evaluate.n_ctx", "null (all) or an integer > 0"
-        )
-        _require(self.batch_size > 0, "evaluate.batch_size", "an integer > 0")
-        _require(self.n_bootstrap >= 100, "evaluate.n_bootstrap", "an integer >= 100")
+    n_ctx: Int | None = _f(null="all", gt=0)
+    batch_size: Int = Field(gt=0)
+    n_bootstrap: Int = Field(ge=100)
+    bootstrap_seed: Int
 
 
-@dataclass(frozen=True)
-class FeaturesConfig:
+class FeaturesConfig(Section):
     """features@<variant> stage: the feature pages (``saelab.browse``).
 
     n_top: top-activating contexts kept per latent; n_samples: uniform random firings kept per
@@ -381,24 +348,17 @@ class FeaturesConfig:
     seed: of the random sample.
     """
 
-    n_top: int
-    n_samples: int
-    context_before: int
-    context_after: int
-    n_logits: int
-    n_neighbours: int
-    batch_contexts: int
-    seed: int
-
-    def validate(self) -> None:
-        for key in ("n_top", "n_samples", "n_logits", "n_neighbours", "batch_contexts"):
-            _require(getattr(self, key) >= 1, f"features.{key}", "an integer >= 1")
-        for key in ("context_before", "context_after"):
-            _require(getattr(self, key) >= 0, f"features.{key}", "an integer >= 0")
+    n_top: Int = Field(ge=1)
+    n_samples: Int = Field(ge=1)
+    context_before: Int = Field(ge=0)
+    context_after: Int = Field(ge=0)
+    n_logits: Int = Field(ge=1)
+    n_neighbours: Int = Field(ge=1)
+    batch_contexts: Int = Field(ge=1)
+    seed: Int
 
 
-@dataclass(frozen=True)
-class StructureConfig:
+class StructureConfig(Section):
     """probe_data and structure@<variant> stages (definitions: saelab.probes, saelab.structure).
 
     contexts_per_source: sparse-probing contexts (of data.ctx_len tokens) per corpus source,
@@ -421,35 +381,26 @@ class StructureConfig:
     seed: every draw (contexts' folds, words, ICL examples, random latents, bootstrap).
     """
 
-    contexts_per_source: int
-    min_docs_per_class: int
-    min_docs_per_decade: int
-    n_folds: int
-    ks: tuple[int, ...]
-    random_draws: int
-    n_words: int | None
-    words_per_prefix: int
-    icl_examples: int
-    max_k: int
-    f1_jump_threshold: float
-    l1_decay: float
-    min_probe_f1: float
-    n_bootstrap: int
-    seed: int
+    contexts_per_source: Int = Field(gt=0)
+    min_docs_per_class: Int = Field(ge=2)
+    min_docs_per_decade: Int = Field(ge=2)
+    n_folds: Int = Field(ge=2)
+    ks: tuple[Annotated[Int, Field(gt=0)], ...] = _f(
+        "a non-empty list of integers > 0", min_length=1
+    )
+    random_draws: Int = Field(gt=0)
+    n_words: Int | None
+    words_per_prefix: Int = Field(gt=0)
+    icl_examples: Int = Field(gt=0)
+    max_k: Int = Field(gt=0)
+    f1_jump_threshold: float = Field(ge=0)
+    l1_decay: float = Field(ge=0)
+    min_probe_f1: float = Field(ge=0, lt=1)
+    n_bootstrap: Int = Field(gt=0)
+    seed: Int
 
-    def validate(self) -> None:
-        for key in (
-            "contexts_per_source", "random_draws", "max_k", "n_bootstrap", "icl_examples",
-            "words_per_prefix",
-        ):  # fmt: skip
-            _require(getattr(self, key) > 0, f"structure.{key}", "an integer > 0")
-        for key in ("min_docs_per_class", "min_docs_per_decade"):
-            _require(getattr(self, key) >= 2, f"structure.{key}", "an integer >= 2")
-        _require(self.n_folds >= 2, "structure.n_folds", "an integer >= 2")
-        _require(
-            len(self.ks) > 0 and all(k > 0 for k in self.ks), "structure.ks",
-            "a non-empty list of integers > 0",
-        )  # fmt: skip
+    @model_validator(mode="after")
+    def _words_for_every_group(self) -> StructureConfig:
         group = self.icl_examples + self.words_per_prefix
         _require(
             self.n_words is None or self.n_words >= 10 * group,
@@ -457,29 +408,19 @@ class StructureConfig:
             "null or an integer >= 10 * (structure.icl_examples + structure.words_per_prefix)"
             " (each 80/20 split needs a group's examples)",
         )  # fmt: skip
-        for key in ("f1_jump_threshold", "l1_decay"):
-            _require(getattr(self, key) >= 0, f"structure.{key}", "a number >= 0")
-        _require(0 <= self.min_probe_f1 < 1, "structure.min_probe_f1", "a number in [0, 1)")
+        return self
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Section):
     """MLflow. tracking_uri None: ``sqlite:///<repo root>/mlflow.db`` (see tracking.py); a
     relative ``sqlite:///<path>`` or plain path is relative to the repo root
     (:func:`resolve_paths`)."""
 
-    experiment: str
+    experiment: str = _f("a non-empty string", min_length=1)
     tracking_uri: str | None
 
-    def validate(self) -> None:
-        _require(bool(self.experiment), "tracking.experiment", "a non-empty string")
 
-
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or org/name
-
-
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     """``saelab export`` (no DVC stage reads it, so changing it re-runs nothing).
 
     hub_id: the model's Hugging Face hub id (``org/name``), written as SAELens's
@@ -488,17 +429,10 @@ class ExportConfig:
         is one; an SAE whose model has none must be exported with ``--model-name``.
     """
 
-    hub_id: str | None
-
-    def validate(self) -> None:
-        _require(
-            self.hub_id is None or HUB_ID_RE.match(self.hub_id) is not None,
-            "export.hub_id", "null or a hub id (name or org/name)",
-        )  # fmt: skip
+    hub_id: str | None = _f("a hub id (name or org/name)", pattern=HUB_ID_RE.pattern)
 
 
-@dataclass(frozen=True)
-class DistributedConfig:
+class DistributedConfig(Section):
     """Several processes for the train and cache stages (:mod:`saelab.distributed`).
 
     nproc_per_node: processes of ``saelab train`` on this machine, each on a disjoint slice of
@@ -515,34 +449,22 @@ class DistributedConfig:
         README).
     """
 
-    nproc_per_node: int
-    cache_nproc_per_node: int
-    launcher: str
-
-    def validate(self) -> None:
-        _require(self.nproc_per_node >= 1, "distributed.nproc_per_node", "an integer >= 1")
-        _require(
-            self.cache_nproc_per_node >= 1, "distributed.cache_nproc_per_node", "an integer >= 1"
-        )
-        _require(
-            bool(self.launcher.split()),
-            "distributed.launcher",
-            "a command, e.g. 'torchrun --standalone'",
-        )
+    nproc_per_node: Int = Field(ge=1)
+    cache_nproc_per_node: Int = Field(ge=1)
+    launcher: str = _f("a command, e.g. 'torchrun --standalone'", pattern=r"\S")
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Section):
     """The whole of params.yaml.
 
     k: target mean L0 (active latents per token) of every variant (relu: set by its l1_coef).
     variants: SAE variants to train and evaluate, registered ones (:mod:`saelab.sae.registry`).
-    variant_params: each variant's own hyperparameters.
+    variant_params: each variant's own hyperparameters (a :func:`variant_params_class`).
     """
 
-    k: int
+    k: Int
     variants: tuple[str, ...]
-    variant_params: VariantParams
+    variant_params: SerializeAsAny[VariantParams]  # dumped as the generated model
     data: DataConfig
     model: ModelConfig
     cache: CacheConfig
@@ -555,37 +477,41 @@ class PipelineConfig:
     export: ExportConfig
     distributed: DistributedConfig
 
-    def validate(self) -> None:
+    @field_validator("variant_params", mode="before")
+    @classmethod
+    def _registered(cls, raw: Any) -> Any:
+        """A mapping is validated by the registry's generated model (errors named under
+        ``variant_params``)."""
+        if isinstance(raw, VariantParams):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ConfigError("params: variant_params must be a mapping of VariantParams keys")
+        return _validate(variant_params_class(), raw, "variant_params")
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> PipelineConfig:
         names = variant_names()
         _require(len(self.variants) > 0, "variants", f"a non-empty list from {', '.join(names)}")
         for v in self.variants:
             _require(v in names, "variants", f"names from {', '.join(names)}; got {v!r}")
         _require(len(set(self.variants)) == len(self.variants), "variants", "distinct names")
-        _require(
-            0 < self.k <= self.sae.d_sae,
-            "k",
-            f"an integer in [1, sae.d_sae={self.sae.d_sae}]",
-        )
+        d_sae, ctx_len, nproc = self.sae.d_sae, self.data.ctx_len, self.distributed.nproc_per_node
+        _require(0 < self.k <= d_sae, "k", f"an integer in [1, sae.d_sae={d_sae}]")
         for key in ("max_train_tokens", "max_eval_tokens"):
             _require(
-                getattr(self.cache, key) is None or getattr(self.cache, key) >= self.data.ctx_len,
+                getattr(self.cache, key) is None or getattr(self.cache, key) >= ctx_len,
                 f"cache.{key}",
-                f"an integer >= data.ctx_len={self.data.ctx_len} (one whole context)",
+                f"an integer >= data.ctx_len={ctx_len} (one whole context)",
             )
-        sections = (self.data, self.model, self.cache, self.sae, self.train, self.evaluate,
-                    self.features, self.structure)  # fmt: skip
-        for section in (*sections, self.variant_params, self.distributed):
-            section.validate()
         _require(
-            self.train.batch_size >= self.distributed.nproc_per_node,
+            self.train.batch_size >= nproc,
             "train.batch_size",
-            f"an integer >= distributed.nproc_per_node={self.distributed.nproc_per_node}",
+            f"an integer >= distributed.nproc_per_node={nproc}",
         )
-        self.tracking.validate()
-        self.export.validate()
-        self._validate_variant_constraints()
+        self._check_variant_constraints()
+        return self
 
-    def _validate_variant_constraints(self) -> None:
+    def _check_variant_constraints(self) -> None:
         """The cross-parameter constraints of the trained variants' specs (e.g. Switch's
         experts split ``sae.d_sae`` evenly and each holds at least k latents)."""
         from saelab.sae import registry
@@ -599,49 +525,90 @@ class PipelineConfig:
                 _require(False, key, allowed)
 
 
-def _require(ok: bool, key: str, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"params: {key} must be {allowed}")
+def _validate(cls: type[T], raw: Any, prefix: str = "") -> T:
+    """``cls`` validated from ``raw``; a :class:`ConfigError` naming the first wrong key
+    (under ``prefix``) otherwise."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e.errors()[0], cls, prefix) from None
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a dataclass field type and convert lists to tuples."""
-    if hint is VariantParams:
-        hint = variant_params_class()
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"params: {key} must be a mapping of {hint.__name__} keys")
-        return _build(hint, value, key)
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"params: {key} must be a list")
-        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if args and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), key)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"params: {key} must be of type {hint.__name__} (got {value!r})")
-    return value
+def replace(section: T, **changes: Any) -> T:
+    """``section`` with ``changes``, validated (``model_copy(update=...)`` is not): a
+    :class:`ConfigError` names the key (``model.hookpoint``) when a change is out of range."""
+    prefix = next((n for n, f in PipelineConfig.model_fields.items()
+                   if f.annotation is type(section)), "")  # fmt: skip
+    return _validate(type(section), {**dict(section), **changes}, prefix)
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    dot = f"{prefix}." if prefix else ""
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        allowed = ", ".join(dot + n for n in names) or "none"
-        raise ConfigError(f"params: unknown key {dot}{unknown[0]} (allowed: {allowed})")
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ConfigError(f"params: missing key {dot}{missing[0]}")
-    return cls(**{n: _convert(raw[n], hints[n], dot + n) for n in names})
+_TYPE_NAMES = {"int_type": "int", "int_from_float": "int", "float_type": "float",
+               "string_type": "str", "bool_type": "bool"}  # fmt: skip
+
+
+def _config_error(err: Any, cls: type[BaseModel], prefix: str) -> ConfigError:
+    """One pydantic error (``ValidationError.errors()[0]``, at ``err["loc"]`` in ``cls``) as a
+    one-line message: ``params: <dotted.key> must be <allowed>``, ``params: unknown key <key>
+    (allowed: ...)``, ``params: missing key <key>``, ``params: <key> must be of type int (got
+    ...)``."""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # raised by a validator, the key named already
+        return cause
+    names = [p for p in err["loc"] if isinstance(p, str)]
+    key, kind = ".".join([prefix, *names] if prefix else names), err["type"]
+    owner, field = _field_at(cls, names)
+    if kind == "missing":
+        return ConfigError(f"params: missing key {key}")
+    if kind == "extra_forbidden":
+        dot = key.rpartition(".")[0]
+        allowed = ", ".join(f"{dot}.{n}" if dot else n for n in owner.model_fields) or "none"
+        return ConfigError(f"params: unknown key {key} (allowed: {allowed})")
+    if kind == "model_type":
+        return ConfigError(f"params: {key} must be a mapping of {err['ctx']['class_name']} keys")
+    if kind in ("tuple_type", "list_type"):
+        return ConfigError(f"params: {key} must be a list")
+    if kind in _TYPE_NAMES:  # a list's item: key[i]
+        at = key + "".join(f"[{p}]" for p in err["loc"] if isinstance(p, int))
+        return ConfigError(
+            f"params: {at} must be of type {_TYPE_NAMES[kind]} (got {err['input']!r})"
+        )
+    return ConfigError(f"params: {key} must be {_allowed(field)}")
+
+
+def _field_at(cls: type[BaseModel], names: list[str]) -> tuple[type[BaseModel], Any]:
+    """The model holding the last key of ``names`` (a path from ``cls``) and that key's field
+    (None for an unknown key)."""
+    owner, field = cls, None
+    for name in names:
+        if field is not None:
+            owner = field.annotation
+        field = owner.model_fields.get(name)
+        if field is None:
+            break
+    return owner, field
+
+
+def _allowed(field: Any) -> str:
+    """What ``field`` allows, in :meth:`~saelab.sae.registry.HParam.allowed_text`'s words:
+    written from its constraints (``ge``/``gt``/``le``/``lt``, ``Literal`` choices, null when
+    optional) unless the field states it (:func:`_f`)."""
+    from saelab.sae.registry import HParam
+
+    extra, hint, null = field.json_schema_extra or {}, field.annotation, None
+    if type(None) in get_args(hint):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        null = extra.get("null", "")
+    if get_origin(hint) is Annotated:
+        hint = get_args(hint)[0]
+    bound = {n: getattr(c, n) for c in field.metadata for n in ("ge", "gt", "le", "lt")
+             if hasattr(c, n)}  # fmt: skip
+    spec = HParam(
+        "", int if hint is int else float, low=bound.get("gt", bound.get("ge")),
+        high=bound.get("lt", bound.get("le")), low_open="gt" in bound, high_open="lt" in bound,
+        choices=get_args(hint) if get_origin(hint) is Literal else None, null=null,
+        allowed=extra.get("allowed"),
+    )  # fmt: skip
+    return spec.allowed_text()
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -709,17 +676,30 @@ def resolve_paths(cfg: PipelineConfig, root: Path) -> PipelineConfig:
     """
     model, name = cfg.model, cfg.model.name_or_path
     if _looks_local(name) or (name and (root / name).is_dir()):
-        model = dataclasses.replace(model, name_or_path=resolve_path(name, root))
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(
-            cfg.data, corpus_dirs=tuple(resolve_path(d, root) for d in cfg.data.corpus_dirs)
-        ),
-        model=model,
-        tracking=dataclasses.replace(
-            cfg.tracking, tracking_uri=_resolve_uri(cfg.tracking.tracking_uri, root)
-        ),
-    )
+        model = model.model_copy(update={"name_or_path": resolve_path(name, root)})
+    corpus_dirs = tuple(resolve_path(d, root) for d in cfg.data.corpus_dirs)
+    uri = _resolve_uri(cfg.tracking.tracking_uri, root)
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"corpus_dirs": corpus_dirs}),
+        "model": model,
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": uri}),
+    })  # fmt: skip
+
+
+def _check_paths(cfg: PipelineConfig) -> None:
+    """The directories and files that the resolved params name exist."""
+    for d in cfg.data.corpus_dirs:
+        _require(Path(d).is_dir(), "data.corpus_dirs", f"existing directories; {d!r} is not one")
+    model = cfg.model
+    if _looks_local(model.name_or_path) or model.gguf_file is not None:
+        path = Path(model.name_or_path).expanduser()
+        _require(path.is_dir(), "model.name_or_path", f"an existing directory; {path} is not")
+        if model.gguf_file is not None:
+            _require(
+                (path / model.gguf_file).is_file(),
+                "model.gguf_file",
+                f"a file inside {path}; {model.gguf_file!r} is not there",
+            )
 
 
 def parse_params(raw: Mapping[str, Any], root: Path | None = None) -> PipelineConfig:
@@ -731,8 +711,8 @@ def parse_params(raw: Mapping[str, Any], root: Path | None = None) -> PipelineCo
     """
     if not isinstance(raw, Mapping):
         raise ConfigError("params: the file must hold a mapping of keys")
-    cfg = resolve_paths(_build(PipelineConfig, raw), repo_root() if root is None else root)
-    cfg.validate()
+    cfg = resolve_paths(_validate(PipelineConfig, raw), repo_root() if root is None else root)
+    _check_paths(cfg)
     return cfg
 
 
@@ -789,7 +769,7 @@ def resolve_model(model: ModelConfig, device: torch.device) -> ModelConfig:
     config a stage that runs the LM records (store attrs, baseline.json, metrics) and checks
     provenance with, so no output says ``auto``."""
     name = str(resolve_model_dtype(model, device)).removeprefix("torch.")
-    return dataclasses.replace(model, dtype=name)
+    return model.model_copy(update={"dtype": name})
 
 
 PROVENANCE_KEYS = ("model", "gguf_file", "hookpoint", "model_dtype", "d_in")

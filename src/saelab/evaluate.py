@@ -76,7 +76,6 @@ clean activation in every replaced pass:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -587,7 +586,7 @@ def open_evaluation(
     from saelab.data import read_tokens
 
     device = resolve_device(cfg.model.device)
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model, device))
+    cfg = cfg.model_copy(update={"model": resolve_model(cfg.model, device)})
     sae, baseline = load_sae(sae_dir).eval(), load_baseline(baseline_dir)
     store = ActivationStore(activations / "eval")
     contexts = eval_contexts(read_tokens(tokens, "eval"), store, cfg.evaluate.n_ctx)

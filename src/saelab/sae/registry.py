@@ -6,8 +6,10 @@ with their types and allowed values (:class:`HParam`), its SAELens architecture,
 the variants table. From the registry, and nowhere else:
 
 - ``params.yaml`` validation (:mod:`saelab.config`): ``variants`` must name registered variants,
-  ``variant_params.<variant>`` gets a frozen dataclass generated from the spec's hyperparameters,
-  whose range checks give the one-line ``params: <dotted.key> must be <allowed>`` errors;
+  ``variant_params.<variant>`` gets a frozen pydantic model generated from the spec's
+  hyperparameters, whose checks (:meth:`HParam.ok`) give the one-line
+  ``params: <dotted.key> must be <allowed>`` errors (:meth:`HParam.allowed_text`, which also
+  words the field constraints of the other sections);
 - the command line's ``--variant`` choices (:mod:`saelab.cli`);
 - :func:`saelab.sae.build_sae` and :func:`saelab.sae.load_sae`;
 - the SAELens architecture map of the export (:mod:`saelab.export`);
@@ -41,7 +43,8 @@ class HParam:
         ``tuple[float, ...]`` (a YAML list).
     low / high: inclusive bounds of a number, or exclusive with ``low_open`` / ``high_open``.
     choices: the allowed strings.
-    null: what ``null`` means (e.g. ``"from the first batch"``): then null is allowed.
+    null: what ``null`` means (e.g. ``"from the first batch"``; ``""``: not said): then null is
+        allowed.
     check / allowed: a custom predicate on a non-null value and its ``allowed`` text (for a
         list); used instead of low/high/choices.
     doc: one line for the reader.
@@ -61,7 +64,7 @@ class HParam:
 
     @property
     def annotation(self) -> Any:
-        """The dataclass field type (``X | None`` when null is allowed)."""
+        """The config field's type (``X | None`` when null is allowed)."""
         return self.type | None if self.null is not None else self.type
 
     def ok(self, value: Any) -> bool:
@@ -92,7 +95,9 @@ class HParam:
                 text += f" {'>' if self.low_open else '>='} {_num(self.low)}"
             elif self.high is not None:
                 text += f" {'<' if self.high_open else '<='} {_num(self.high)}"
-        return f"null ({self.null}) or {text}" if self.null is not None else text
+        if self.null is None:
+            return text
+        return f"null ({self.null}) or {text}" if self.null else f"null or {text}"
 
 
 def _num(x: float) -> str:
@@ -111,7 +116,7 @@ class VariantSpec:
         hyperparameters itself, ``model(d_in, d_sae, k, **hparams, generator=generator)``
         (Switch).
     hparams: the hyperparameters besides k, in the order of ``params.yaml`` and ``cfg.json``.
-    params_class: name of the generated config dataclass (``NoParams`` when there are none).
+    params_class: name of the generated config model (``NoParams`` when there are none).
     saelens: the SAELens architecture its export is (``topk``, ``jumprelu``, ``standard``), or
         None: not exportable.
     constraints: ``(hparams, k, d_sae) -> [Violation]``: checks across parameters, run for the
