@@ -17,11 +17,12 @@ from saelab.baseline import (
     spared_mask,
 )
 from saelab.capture import capture_resid, load_model
-from saelab.config import ConfigError, ModelConfig
+from saelab.config import ConfigError
 from saelab.evaluate import SplicedInputs, downstream_metrics, interval_metrics, spliced_pass
 from saelab.sae import build_sae
 from saelab.splice import CleanPass, SuffixRunner
 from saelab.store import ActivationStore, ActivationWriter
+from tests.model_config import cpu_model_config
 
 N_CTX, CTX_LEN, D_IN = 7, 24, 64  # 7 contexts in batches of 3: shapes (3, 24) twice, (1, 24)
 
@@ -36,13 +37,7 @@ def tiny(request):
     """A tiny Llama (linear LM head: KL from the baseline's clean terms) and a tiny Gemma 2
     (soft-capped logits: KL from the clean logits of the baseline's LM-head inputs)."""
     path = request.getfixturevalue(f"tiny_{request.param}_dir")
-    cfg = ModelConfig(
-        name_or_path=str(path),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint="blocks.2.hook_resid_pre",
-        device="cpu",
-    )
+    cfg = cpu_model_config(path, "blocks.2.hook_resid_pre")
     return cfg, load_model(cfg, torch.device("cpu"))
 
 

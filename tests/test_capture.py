@@ -11,23 +11,14 @@ from saelab.capture import (
     load_model,
     splice_fn,
 )
-from saelab.config import ConfigError, ModelConfig
-
-
-def _cfg(model_dir, hookpoint: str) -> ModelConfig:
-    return ModelConfig(
-        name_or_path=str(model_dir),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint=hookpoint,
-        device="cpu",
-    )
+from saelab.config import ConfigError
+from tests.model_config import cpu_model_config
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tiny_llama_dir, tiny_gpt2_dir):
     model_dir = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
-    cfg = _cfg(model_dir, "blocks.2.hook_resid_pre")
+    cfg = cpu_model_config(model_dir, "blocks.2.hook_resid_pre")
     return cfg, load_model(cfg, torch.device("cpu"))
 
 
@@ -103,4 +94,5 @@ def test_hooks_are_removed_after_an_error(tiny, ids) -> None:
 def test_layer_out_of_range_is_a_config_error(tiny_llama_dir) -> None:
     """blocks.4 of a 4-layer model: ConfigError listing L in [0, 3]."""
     with pytest.raises(ConfigError, match=r"L in \[0, 3\]"):
-        load_model(_cfg(tiny_llama_dir, "blocks.4.hook_resid_post"), torch.device("cpu"))
+        cfg = cpu_model_config(tiny_llama_dir, "blocks.4.hook_resid_post")
+        load_model(cfg, torch.device("cpu"))

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from saelab.capture import capture_resid, hook_resid, load_model, splice_fn
-from saelab.config import ModelConfig
 from saelab.evaluate import (
     accumulate,
     batch_mode_l0,
@@ -14,6 +13,7 @@ from saelab.evaluate import (
     reconstruction_metrics,
 )
 from saelab.sae import SparseAutoencoder, make_activation
+from tests.model_config import cpu_model_config
 
 
 def _identity_sae(d: int, variant: str = "topk", k: int | None = None) -> SparseAutoencoder:
@@ -121,13 +121,7 @@ def test_batch_mode_l0_of_batchtopk_is_k_and_mode_is_restored() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_llama_dir):
-    cfg = ModelConfig(
-        name_or_path=str(tiny_llama_dir),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint="blocks.2.hook_resid_pre",
-        device="cpu",
-    )
+    cfg = cpu_model_config(tiny_llama_dir, "blocks.2.hook_resid_pre")
     return cfg, load_model(cfg, torch.device("cpu"))
 
 
@@ -211,13 +205,7 @@ def test_spliced_ce_and_kl_match_the_full_spliced_forward(tiny_llama, contexts, 
     the replacement hooked in, with sinks above max_norm kept clean (here the norm median, so
     about half of the tokens keep their activation)."""
     _, model = tiny_llama
-    cfg = ModelConfig(
-        name_or_path=tiny_llama[0].name_or_path,
-        gguf_file=None,
-        dtype="float32",
-        hookpoint=hookpoint,
-        device="cpu",
-    )
+    cfg = cpu_model_config(tiny_llama[0].name_or_path, hookpoint)
     resid = torch.cat([capture_resid(model, cfg, ids) for ids in contexts.split(4)])
     max_norm = resid[:, 1:].norm(dim=-1).median().item()
 

@@ -14,7 +14,8 @@ import yaml
 
 from saelab.cache import cache_split, cache_split_hookpoints
 from saelab.capture import capture_resid, capture_resids, decoder_layers, load_model
-from saelab.config import ModelConfig, parse_params
+from saelab.config import parse_params
+from tests.model_config import cpu_model_config
 
 CPU = torch.device("cpu")
 # out of forward order, both sites, and resid_post of layer 1 = resid_pre of layer 2
@@ -25,13 +26,7 @@ HOOKPOINTS = ["blocks.2.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.h
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request, tiny_llama_dir, tiny_gpt2_dir, one_thread_module):
     model_dir = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
-    cfg = ModelConfig(
-        name_or_path=str(model_dir),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint=HOOKPOINTS[0],
-        device="cpu",
-    )
+    cfg = cpu_model_config(model_dir, HOOKPOINTS[0])
     return cfg, load_model(cfg, CPU)
 
 

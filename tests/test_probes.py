@@ -9,20 +9,13 @@ import pytest
 import torch
 
 from saelab.capture import load_model, load_tokenizer
-from saelab.config import ModelConfig
 from saelab.probes import alpha_vocab, capture_batched, capture_prefixed, letter_prompts
-
-
-def _model_cfg(model_dir: Path) -> ModelConfig:
-    return ModelConfig(
-        name_or_path=str(model_dir), gguf_file=None, dtype="float32",
-        hookpoint="blocks.2.hook_resid_pre", device="cpu",
-    )  # fmt: skip
+from tests.model_config import cpu_model_config
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir: Path):
-    return load_tokenizer(_model_cfg(tiny_llama_dir))
+    return load_tokenizer(cpu_model_config(tiny_llama_dir))
 
 
 def test_groups_share_examples_from_their_own_split_and_never_themselves(tokenizer) -> None:
@@ -65,7 +58,7 @@ def test_prefixed_forward_equals_the_full_prompt_forward(arch, request) -> None:
     """The KV-cached path (prefix once, then separator + word per word) gives the activation of
     the straightforward forward of each full SAEBench prompt at the word's token, for query
     chunks that cross group boundaries; Gemma 2's sliding window (8) is shorter than the prompt."""
-    cfg = _model_cfg(request.getfixturevalue(f"tiny_{arch}_dir"))
+    cfg = cpu_model_config(request.getfixturevalue(f"tiny_{arch}_dir"))
     tok = load_tokenizer(cfg)
     model = load_model(cfg, torch.device("cpu"))
     prompts = letter_prompts(tok, 90, 3, 0.2, seed=0, per_prefix=5)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from saelab.capture import capture_resid, load_model, load_tokenizer
-from saelab.config import ModelConfig
 from saelab.data import pack_contexts, read_corpus
 from saelab.evaluate import downstream_metrics
+from tests.model_config import cpu_model_config
 
 from .conftest import CORPUS_DIR, SMOLLM2_DIR, SMOLLM2_GGUF
 
@@ -21,13 +21,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    cfg = ModelConfig(
-        name_or_path=str(SMOLLM2_DIR),
-        gguf_file=SMOLLM2_GGUF,
-        dtype="float32",
-        hookpoint="blocks.15.hook_resid_pre",
-        device="cpu",
-    )
+    cfg = cpu_model_config(SMOLLM2_DIR, "blocks.15.hook_resid_pre", gguf_file=SMOLLM2_GGUF)
     return cfg, load_model(cfg, torch.device("cpu"))
 
 

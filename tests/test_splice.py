@@ -5,7 +5,7 @@ import torch
 
 import saelab.splice
 from saelab.capture import decoder_layers, hook_resid, load_model, splice_fn
-from saelab.config import ConfigError, ModelConfig
+from saelab.config import ConfigError
 from saelab.splice import (
     SuffixRunner,
     clean_forward,
@@ -13,6 +13,7 @@ from saelab.splice import (
     run_calls,
     run_suffix,
 )
+from tests.model_config import cpu_model_config
 
 HOOKPOINTS = (
     "blocks.0.hook_resid_pre",
@@ -26,29 +27,13 @@ HOOKPOINTS = (
 def tiny_model(request, one_thread_module):
     """(model directory, loaded model) for each tiny architecture."""
     model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
-    cfg = ModelConfig(
-        name_or_path=str(model_dir),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint=HOOKPOINTS[0],
-        device="cpu",
-    )
+    cfg = cpu_model_config(model_dir, HOOKPOINTS[0])
     return model_dir, load_model(cfg, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     return torch.randint(1, 49152, (3, 20), generator=torch.Generator().manual_seed(0))
-
-
-def _cfg(model_dir, hookpoint: str) -> ModelConfig:
-    return ModelConfig(
-        name_or_path=str(model_dir),
-        gguf_file=None,
-        dtype="float32",
-        hookpoint=hookpoint,
-        device="cpu",
-    )
 
 
 @torch.inference_mode()
@@ -63,7 +48,7 @@ def test_suffix_matches_the_full_spliced_forward(tiny_model, ids, hookpoint) -> 
     """A non-trivial replacement (x/2 + 0.1, position 0 kept) spliced in through the suffix gives
     the logits of the full forward with the hook, to float32 rounding; it really changes them."""
     model_dir, model = tiny_model
-    cfg = _cfg(model_dir, hookpoint)
+    cfg = cpu_model_config(model_dir, hookpoint)
     fn = splice_fn(lambda x: x * 0.5 + 0.1, skip_first_position=True)
     clean, suffix = clean_forward(model, cfg, ids)
     ref = full_spliced_logits(model, cfg, fn, ids)
@@ -76,7 +61,7 @@ def test_clean_pass_and_identity_suffix_give_the_clean_logits(tiny_model, ids, h
     """The recording pass returns the model's own logits, and running the suffix on the
     recorded residual stream reproduces them exactly (same ops on the same inputs)."""
     model_dir, model = tiny_model
-    clean, suffix = clean_forward(model, _cfg(model_dir, hookpoint), ids)
+    clean, suffix = clean_forward(model, cpu_model_config(model_dir, hookpoint), ids)
     with torch.inference_mode():
         assert torch.equal(clean, model(input_ids=ids).logits)
     assert torch.equal(run_suffix(suffix, suffix.resid), clean)
@@ -88,7 +73,7 @@ def test_suffix_runs_only_the_layers_after_the_hookpoint(tiny_model, ids, hookpo
     """Counting decoder-layer calls: run_suffix calls layers start..3 once each and none before
     (start = L for resid_pre, L + 1 for resid_post; 4 = no layer for the last resid_post)."""
     model_dir, model = tiny_model
-    _, suffix = clean_forward(model, _cfg(model_dir, hookpoint), ids)
+    _, suffix = clean_forward(model, cpu_model_config(model_dir, hookpoint), ids)
     layers = decoder_layers(model)
     counts = [0] * len(layers)
     handles = [
@@ -113,7 +98,7 @@ def test_a_transformation_between_layers_is_refused(tiny_model, ids) -> None:
     )
     try:
         with pytest.raises(ValueError, match="did not receive the output"):
-            clean_forward(model, _cfg(model_dir, HOOKPOINTS[1]), ids)
+            clean_forward(model, cpu_model_config(model_dir, HOOKPOINTS[1]), ids)
     finally:
         handle.remove()
 
@@ -121,7 +106,7 @@ def test_a_transformation_between_layers_is_refused(tiny_model, ids) -> None:
 def test_resid_shape_must_match(tiny_model, ids) -> None:
     """A replacement of another shape is an error, not a broadcast."""
     model_dir, model = tiny_model
-    _, suffix = clean_forward(model, _cfg(model_dir, HOOKPOINTS[1]), ids)
+    _, suffix = clean_forward(model, cpu_model_config(model_dir, HOOKPOINTS[1]), ids)
     with pytest.raises(ValueError, match="shape"):
         run_suffix(suffix, suffix.resid[:, 1:])
 
@@ -139,7 +124,7 @@ def test_a_logit_transform_after_the_head_is_refused(tiny_model, ids) -> None:
     handle = model.register_forward_hook(double_logits)
     try:
         with pytest.raises(ConfigError, match=r"^params: model\.name_or_path must be a model "):
-            clean_forward(model, _cfg(model_dir, HOOKPOINTS[1]), ids)
+            clean_forward(model, cpu_model_config(model_dir, HOOKPOINTS[1]), ids)
     finally:
         handle.remove()
 
@@ -149,7 +134,7 @@ def test_gemma2_softcap_is_replayed_and_changes_the_logits(tiny_gemma2_dir, ids)
     call: every replay (all calls, or the head alone on the final norm's output) applies
     c·tanh(z/c), giving the model's own logits bit for bit, while the raw head output differs
     from them by far more than rounding (what the suffix returned before it was applied)."""
-    cfg = _cfg(tiny_gemma2_dir, HOOKPOINTS[1])
+    cfg = cpu_model_config(tiny_gemma2_dir, HOOKPOINTS[1])
     model = load_model(cfg, torch.device("cpu"))
     assert final_logit_softcap(model) == 1.0
     clean, suffix = clean_forward(model, cfg, ids)
@@ -170,7 +155,7 @@ def test_gemma2_softcap_is_replayed_and_changes_the_logits(tiny_gemma2_dir, ids)
 def test_gemma2_without_the_softcap_replay_is_refused(tiny_gemma2_dir, ids, monkeypatch) -> None:
     """Were the soft-capping not known (final_logit_softcap returning None), the clean pass
     would see the head's raw output differ from the model's logits and refuse the model."""
-    cfg = _cfg(tiny_gemma2_dir, HOOKPOINTS[1])
+    cfg = cpu_model_config(tiny_gemma2_dir, HOOKPOINTS[1])
     model = load_model(cfg, torch.device("cpu"))
     monkeypatch.setattr(saelab.splice, "final_logit_softcap", lambda _model: None)
     with pytest.raises(ConfigError, match="GemmaForCausalLM|Gemma2ForCausalLM"):
