@@ -20,6 +20,7 @@ from saelab.report import (
     claims_table,
     derived_columns,
     equivalence_verdict,
+    plot_specs,
     evaluate_claim,
     select,
     sign_verdict,
@@ -165,6 +166,8 @@ def test_select_and_derived_columns() -> None:
     assert len(select(rows, {"k": 32, "groups": "dict_size"})) == 2
     assert len(select(rows, {"groups": "k_sweep"})) == 1
     assert len(select(rows, {"k": [16, 32]})) == 2
+    assert len(select(rows, {"groups": ["k_sweep", "length"]})) == 1  # a list: any of the groups
+    assert len(select(rows, {"groups": ["length"]})) == 0
     row = {"variant": "switch", "d_sae": "4608", "n_experts": "8", "train_seconds": "10",
            "train_steps": "4"}  # fmt: skip
     d = derived_columns(row)
@@ -173,6 +176,21 @@ def test_select_and_derived_columns() -> None:
     assert derived_columns({"variant": "topk", "d_sae": "4608"})["encoder_flops_per_token"] == (
         2 * 576 * 4608
     )
+
+
+def test_pareto_lines_or_one_line_per_variant_of_a_group() -> None:
+    """``pareto_lines`` draws the fronts' lines as given (``by`` k unless set); without it,
+    ``pareto_group`` gives one line per variant of that group."""
+    by_group = plot_specs({"pareto_group": "k_sweep"}, ["topk", "relu"])
+    assert [s.file for s in by_group] == ["pareto_l0_fvu.png", "pareto_l0_delta_ce.png"]
+    assert [(ln.label, ln.where, ln.by) for ln in by_group[0].lines] == [
+        ("topk", {"groups": "k_sweep", "variant": "topk"}, "k"),
+        ("relu", {"groups": "k_sweep", "variant": "relu"}, "k"),
+    ]
+    given = [{"label": "j", "where": {"groups": ["a", "b"]}}, {"label": "s", "where": {}, "by": "l"}]
+    specs = plot_specs({"pareto_group": "k_sweep", "pareto_lines": given}, ["topk"])
+    assert [(ln.label, ln.by) for ln in specs[1].lines] == [("j", "k"), ("s", "l")]
+    assert specs[1].y == "delta_ce" and plot_specs({}, ["topk"]) == []
 
 
 def _synthetic_runs(study) -> list[dict]:
@@ -244,13 +262,20 @@ def test_report_renders_from_a_runs_table(tmp_path) -> None:
     assert fronts == sorted(n.replace(".png", ".json") for n in pngs)  # DVC plot data per PNG
     points = json.loads((study_dir / "fronts" / "pareto_l0_fvu.json").read_text())["points"]
     runs = _synthetic_runs(study)
-    for p in points:  # each point: the mean over the 3 seeds of its variant's k_sweep runs at k
-        same = [r for r in runs if "k_sweep" in r["groups"] and r["variant"] == p["line"]
-                and r["l0"] == p["x"]]  # fmt: skip
+    groups = {  # study.yaml's pareto_lines, spelled out: label -> (its groups, variant)
+        "topk": ({"k_sweep"}, "topk"), "batchtopk": ({"k_sweep"}, "batchtopk"),
+        "jumprelu": ({"jumprelu", "jumprelu_k"}, "jumprelu"),
+        "switch (E = 8)": ({"switch_width", "switch_k"}, "switch"),
+    }  # fmt: skip
+    for p in points:  # each point: the mean over the 3 seeds of its line's runs at one k
+        names, variant = groups[p["line"]]
+        same = [r for r in runs if names & set(r["groups"].split(";")) and r["variant"] == variant
+                and r["l0"] == p["x"] and r["n_experts"] in (None, 8)]  # fmt: skip
         assert p["n"] == 3 == len(same)
         assert p["y"] == pytest.approx(sum(r["fvu"] for r in same) / 3)
         assert p["y_low"] <= p["y"] <= p["y_high"]
-    assert len(points) == 3 * len({p["line"] for p in points})
+    assert {p["line"] for p in points} == set(groups)
+    assert len(points) == 3 * len(groups)  # k = 16, 32, 64 on every line
 
 
 def test_report_without_runs_says_not_run(tmp_path) -> None:

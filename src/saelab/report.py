@@ -127,13 +127,16 @@ def _cell_matches(cell: Any, wanted: Any) -> bool:
 
 def select(rows: Iterable[Mapping[str, Any]], where: Mapping[str, Any]) -> list[Mapping]:
     """The rows whose every ``where`` column has the value (numbers compared as numbers; a list
-    is any of its values; ``groups`` holds when the row's ``;``-separated groups contain it)."""
+    is any of its values; ``groups`` holds when the row's ``;``-separated groups contain it, or
+    one of them for a list)."""
     out = []
     for row in rows:
         ok = True
         for col, wanted in where.items():
             if col == "groups":
-                ok = ok and str(wanted) in str(row.get("groups", "")).split(";")
+                mine = str(row.get("groups", "")).split(";")
+                names = wanted if isinstance(wanted, list) else [wanted]
+                ok = ok and any(str(g) in mine for g in names)
             else:
                 ok = ok and _cell_matches(row.get(col), wanted)
         if ok:
@@ -409,13 +412,19 @@ def derived_columns(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def plot_specs(plots: Mapping[str, Any], variants: Sequence[str]) -> list[PlotSpec]:
-    """The report's plots from ``study.yaml``'s ``plots`` section: ``pareto_group`` (L0 vs FVU
-    and L0 vs ΔCE, one line per variant over k), ``switch_lines`` and ``dict_lines`` (lists of
-    ``{label, where}``; FLOPs and seconds per step vs FVU), ``sampled_lines`` (FVU vs l)."""
+    """The report's plots from ``study.yaml``'s ``plots`` section: the L0 vs FVU and L0 vs ΔCE
+    fronts, from ``pareto_lines`` (a list of ``{label, where, by}``, ``by`` k by default) or, without
+    it, ``pareto_group`` (one line per variant over k); ``switch_lines`` and ``dict_lines``
+    (lists of ``{label, where}``; FLOPs and seconds per step vs FVU), ``sampled_lines`` (FVU vs
+    l)."""
     specs = []
     group = plots.get("pareto_group")
-    if group:
+    lines = tuple(
+        LineSpec(s["label"], s["where"], s.get("by", "k")) for s in plots.get("pareto_lines", [])
+    )
+    if group and not lines:
         lines = tuple(LineSpec(v, {"groups": group, "variant": v}, "k") for v in variants)
+    if lines:
         specs.append(PlotSpec("pareto_l0_fvu.png", "L0 vs FVU", "l0", "fvu", lines))
         specs.append(PlotSpec("pareto_l0_delta_ce.png", "L0 vs ΔCE", "l0", "delta_ce", lines))
     switch = [
