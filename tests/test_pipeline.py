@@ -1,5 +1,5 @@
-"""The DVC pipeline end to end: `dvc repro`, `dvc exp run` and a queued experiment
-(`dvc exp run --queue` + `dvc queue start`) in a fresh copy of the project on the tiny Llama, with
+"""The DVC pipeline end to end: `dvc repro`, `dvc exp run` and two queued experiments run in
+parallel (`dvc exp run --queue` + `dvc queue start -j 2`) in a fresh copy of the project on the tiny Llama, with
 data and model beside the repo named by relative paths (as params.yaml names ../shared) and
 MLflow's default store at the repo root."""
 
@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("topk", "batchtopk", "jumprelu", "relu", "sampled", "switch")  # params.yaml
 PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
 PROJECT_DIRS = ("stages", "src", "plots/templates", "reports/main")  # report stage: its deps
+QUEUED = {"queued-nctx4": 4, "queued-nctx3": 3}  # queued experiment -> its evaluate.n_ctx
 METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_loss_recovered", "fvu", "l0")
 
 
@@ -122,9 +123,10 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
     show` lists; `dvc exp run -S k=4` re-trains with k=4 (recorded by `dvc exp show`, the
     metrics JSON and MLflow); every run logs to <repo root>/mlflow.db by default (2 variants x
     2 pipeline runs, each under its parent run, artifacts in <repo root>/mlartifacts), the
-    experiment's runs tagged with its name; a queued experiment, run by `dvc queue start` in a
-    copy under .dvc/tmp/exps/, finds the data through the same relative paths, shows its
-    metrics in `dvc exp show` and logs to the repo's mlflow.db; the pipeline ends up to date."""
+    experiment's runs tagged with its name; two queued experiments, run at once by
+    `dvc queue start -j 2`, each in a copy under .dvc/tmp/exps/, find the data through the same
+    relative paths, show their metrics in `dvc exp show` and log to the repo's mlflow.db; the
+    pipeline ends up to date."""
     repo = tmp_path / "repo"
     # Relative to the repo root, like params.yaml's ../shared/...: they must mean the same in
     # the workspace and in the temporary copies where queued experiments run.
@@ -186,35 +188,43 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_llama_dir, tiny_corpus, make_tiny_
 
 
 def _check_queued_experiment(repo: Path, tracking_experiment: str, first_exp: str) -> None:
-    """`dvc exp run --queue -S evaluate.n_ctx=4` then `dvc queue start`: the run succeeds in its
-    temporary copy, `dvc exp show` lists its metrics (CE on 4 contexts: a ce_clean of its own),
-    and its MLflow parent run is FINISHED in <repo>/mlflow.db."""
+    """Two experiments queued (`dvc exp run --queue -S evaluate.n_ctx=4`, `=3`) and run by
+    `dvc queue start -j 2`, two workers at once (issue 14, part 4): both succeed in their
+    temporary copies, `dvc exp show` lists each one's metrics (CE on 4 / 3 contexts: a ce_clean
+    of its own), and each one's MLflow parent run is FINISHED in the one <repo>/mlflow.db both
+    wrote to concurrently."""
     from mlflow import MlflowClient
 
-    _dvc(repo, "exp", "run", "--queue", "-S", "evaluate.n_ctx=4", "--name", "queued-nctx4")
+    for name, n_ctx in QUEUED.items():
+        _dvc(repo, "exp", "run", "--queue", "-S", f"evaluate.n_ctx={n_ctx}", "--name", name)
     # Not _dvc: the worker's monitor inherits the command's stdout/stderr, so captured pipes
     # would stay open (and block) until the worker exits.
     log_path = repo.parent / "queue-start.log"
     with log_path.open("w") as log:
-        cmd = (str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "1")
+        cmd = (str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "2")
         started = subprocess.run(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=log, timeout=300)
     assert started.returncode == 0, log_path.read_text()
-    table = _wait_for_queue(repo)
-    if "Success" not in table:
-        pytest.fail(f"{table}\n{_dvc(repo, 'queue', 'logs', 'queued-nctx4')[-8000:]}")
+    table = _wait_for_queue(repo, timeout_s=900.0)
+    rows = {row[1]: row for row in (line.split() for line in table.splitlines()[1:]) if row[1:]}
+    for name in QUEUED:
+        if "Success" not in rows.get(name, ()):
+            pytest.fail(f"{table}\n{_dvc(repo, 'queue', 'logs', name)[-8000:]}")
     _dvc(repo, "queue", "stop")
     exps = {e["name"]: e for e in _experiments(json.loads(_dvc(repo, "exp", "show", "--json")))}
-    assert set(exps) == {first_exp, "queued-nctx4"}
-    queued, first = exps["queued-nctx4"]["data"], exps[first_exp]["data"]
-    assert queued["params"]["params.yaml"]["data"]["evaluate"]["n_ctx"] == 4
-    for v in VARIANTS:
-        m = queued["metrics"][f"metrics/{v}.json"]["data"]
-        assert m["k"] == 4 and all(math.isfinite(m[key]) for key in METRIC_KEYS), v
-        assert m["ce_clean"] != first["metrics"][f"metrics/{v}.json"]["data"]["ce_clean"], v
+    assert set(exps) == {first_exp, *QUEUED}
+    first = exps[first_exp]["data"]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(tracking_experiment)
-    parents = client.search_runs(
-        [experiment.experiment_id],
-        "tags.`saelab.role` = 'pipeline' and tags.dvc_exp_name = 'queued-nctx4'",
-    )
-    assert [r.info.status for r in parents] == ["FINISHED"]
+    for name, n_ctx in QUEUED.items():
+        queued = exps[name]["data"]
+        assert queued["params"]["params.yaml"]["data"]["evaluate"]["n_ctx"] == n_ctx
+        for v in VARIANTS:
+            m = queued["metrics"][f"metrics/{v}.json"]["data"]
+            assert m["k"] == 4 and all(math.isfinite(m[key]) for key in METRIC_KEYS), (name, v)
+            assert m["ce_n_contexts"] == n_ctx, (name, v)
+            assert m["ce_clean"] != first["metrics"][f"metrics/{v}.json"]["data"]["ce_clean"]
+        parents = client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`saelab.role` = 'pipeline' and tags.dvc_exp_name = '{name}'",
+        )
+        assert [r.info.status for r in parents] == ["FINISHED"], name
