@@ -82,7 +82,7 @@ def _cuda_available() -> bool:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="token zarr group")
 def prepare(params_path: str, out: str) -> None:
     """Corpus -> tokenized, packed contexts (train/eval split by document) in a zarr group."""
-    from saelab.capture import check_hookpoint, load_tokenizer, n_layers_of
+    from saelab.capture import check_hookpoints, load_tokenizer, n_layers_of
     from saelab.data import (
         docs_per_source,
         fallback_decoded,
@@ -94,7 +94,7 @@ def prepare(params_path: str, out: str) -> None:
     )
 
     cfg = load_params(params_path)
-    check_hookpoint(cfg.model, n_layers_of(cfg.model))
+    check_hookpoints(cfg.model, n_layers_of(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     try:
         docs = read_corpus(cfg.data.corpus_dirs)
@@ -127,8 +127,15 @@ def prepare(params_path: str, out: str) -> None:
 @PARAMS
 @TOKENS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="activation dir")
-def cache(params_path: str, tokens: str, out: str) -> None:
-    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``.
+@click.option(
+    "--hookpoints-out", default=None, type=click.Path(file_okay=False),
+    help="directory of the stores of model.extra_hookpoints, <dir>/<hookpoint>/{train,eval} "
+    "(written empty when there are none); required when there are some",
+)  # fmt: skip
+def cache(params_path: str, tokens: str, out: str, hookpoints_out: str | None) -> None:
+    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``, and
+    at each extra hookpoint -> ``<hookpoints-out>/<hookpoint>/{train,eval}`` from the same
+    forward passes.
 
     With ``distributed.cache_nproc_per_node`` > 1 it starts itself that many times under
     ``distributed.launcher`` (torchrun); started by torchrun (``WORLD_SIZE`` > 1), the ranks
@@ -144,6 +151,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
     if cfg.distributed.cache_nproc_per_node > 1 and not distributed.launched_by_torchrun():
         n, launcher = cfg.distributed.cache_nproc_per_node, cfg.distributed.launcher
         args = ["--params", params_path, "--tokens", tokens, "--out", out]
+        args += ["--hookpoints-out", hookpoints_out] if hookpoints_out is not None else []
         sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "cache", *args]))
     device = resolve_device(cfg.model.device)
     device = distributed.init_from_env(device.type) or device
@@ -151,7 +159,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
     model = load_model(cfg.model, device)
     try:
         with distributed.data_parallel():
-            cache_activations(model, cfg, tokens, out)
+            cache_activations(model, cfg, tokens, out, hookpoints_out)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
