@@ -14,5 +14,5 @@ def cpu_model_config(
     """``ModelConfig`` of the model in ``model_dir`` at ``hookpoint``, float32, device cpu."""
     return ModelConfig(
         name_or_path=str(model_dir), gguf_file=gguf_file, dtype="float32", hookpoint=hookpoint,
-        device="cpu",
+        extra_hookpoints=(), device="cpu",
     )  # fmt: skip

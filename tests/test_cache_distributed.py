@@ -77,10 +77,10 @@ def work(tmp_path_factory, tiny_llama_dir, make_tiny_params) -> Path:
     return root
 
 
-def _cache(root: Path, name: str, out: Path) -> None:
+def _cache(root: Path, name: str, out: Path, hookpoints_out: Path | None = None) -> None:
     cfg = parse_params(yaml.safe_load((root / f"{name}.yaml").read_text()))
     model = load_model(cfg.model, CPU)
-    cache_activations(model, cfg, str(root / "tokens"), out)
+    cache_activations(model, cfg, str(root / "tokens"), out, hookpoints_out)
 
 
 def _worker(rank: int, port: int, root: str) -> None:
@@ -89,8 +89,8 @@ def _worker(rank: int, port: int, root: str) -> None:
                             world_size=WORLD)  # fmt: skip
     try:
         with distributed.data_parallel():
-            for name in SIZES:
-                _cache(Path(root), name, Path(root) / f"{name}-2")
+            for name in SIZES:  # with the cache stage's --hookpoints-out (no extra hookpoints)
+                _cache(Path(root), name, Path(root) / f"{name}-2", Path(root) / f"{name}-2-hp")
     finally:
         dist.destroy_process_group()
 
@@ -143,9 +143,11 @@ def _debris(root: Path) -> list[Path]:
 def test_two_processes_write_the_bytes_of_one(stores: Path, name: str) -> None:
     """Train and eval stores of 2 gloo ranks = the 1-process stores, byte for byte: uneven
     chunk counts (2 and 3 chunks, a partial last chunk, batches straddling the ranks' rows), and
-    a split of one chunk (rank 1 idle). No temporary directory is left."""
+    a split of one chunk (rank 1 idle). The directory of the extra hookpoints' stores, given,
+    is empty (none in params). No temporary directory is left."""
     one, two = stores / f"{name}-1", stores / f"{name}-2"
     assert_same_stores(one, two)
+    assert (stores / f"{name}-2-hp").is_dir() and not any((stores / f"{name}-2-hp").iterdir())
     for split, n_tokens in TOKENS[name].items():
         store = ActivationStore(two / split)
         assert store.n_tokens == store.attrs["n_tokens"] == n_tokens

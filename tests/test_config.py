@@ -18,6 +18,9 @@ from saelab.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+HP3, HP15 = "blocks.3.hook_resid_pre", "blocks.15.hook_resid_pre"  # params.yaml's: HP15
+HP = "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post (got 'blocks.3.mlp_out')"
+OTHER_THAN_PRIMARY = "hookpoints other than model.hookpoint (blocks.15.hook_resid_pre)"
 
 
 def _with(path: str, value) -> dict:
@@ -49,6 +52,9 @@ def test_default_params_load_and_are_frozen() -> None:
         ("variants", ["topk", "gated"], "variants must be names from"),
         ("variants", [], "variants must be a non-empty list"),
         ("model.hookpoint", "blocks.15.mlp_out", "model.hookpoint must be blocks.<layer>"),
+        ("model.extra_hookpoints", [HP3, "blocks.3.mlp_out"], "extra_hookpoints[1] must be " + HP),
+        ("model.extra_hookpoints", [HP3, HP3], "model.extra_hookpoints must be distinct hookp"),
+        ("model.extra_hookpoints", [HP3, HP15], "extra_hookpoints must be " + OTHER_THAN_PRIMARY),
         ("model.name_or_path", "./no/such/model", "model.name_or_path must be an existing dir"),
         ("model.gguf_file", "missing.gguf", "model.gguf_file must be a file inside"),
         ("model.dtype", "float8", "model.dtype must be one of auto, float32, bfloat16, float16"),
@@ -99,6 +105,8 @@ def test_bad_value_names_key_and_allowed_range(key: str, value, message: str) ->
         ("structure.ks", [1, "2"], "params: structure.ks[1] must be of type int (got '2')"),
         ("structure.ks", [1, 0], "params: structure.ks must be a non-empty list of integers > 0"),
         ("structure.ks", 5, "params: structure.ks must be a list"),
+        ("model.extra_hookpoints", HP3, "params: model.extra_hookpoints must be a list"),
+        ("model.extra_hookpoints", [3], "params: model.extra_hookpoints[0] must be of type str"),
         ("data", ["a"], "params: data must be a mapping of DataConfig keys"),
         ("variant_params.sampled.l", True, "params: variant_params.sampled.l must be of type int"),
         ("export.hub_id", "a/b/c", "params: export.hub_id must be null or a hub id (name or org/"),
@@ -166,6 +174,61 @@ def test_hookpoint_layer_out_of_range_lists_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"L in \[0, 29\] .*got blocks\.30\.hook_resid_post"):
         check_hookpoint(cfg, n_layers=30)
     check_hookpoint(parse_params(DEFAULT).model, n_layers=30)  # layer 15: fine
+
+
+def test_extra_hookpoints_layers_are_checked_against_the_model() -> None:
+    """An extra hookpoint past the model's last layer is an error naming it by its index (the
+    prepare stage checks every hookpoint before any work)."""
+    from saelab.capture import check_hookpoints
+
+    raw = _with("model.extra_hookpoints", ["blocks.3.hook_resid_post", "blocks.30.hook_resid_pre"])
+    model = parse_params(raw).model
+    assert model.hookpoints == ("blocks.15.hook_resid_pre", *raw["model"]["extra_hookpoints"])
+    with pytest.raises(ConfigError, match=r"^params: model\.extra_hookpoints\[1\] must be .* L in "
+                       r"\[0, 29\] .*got blocks\.30\.hook_resid_pre"):  # fmt: skip
+        check_hookpoints(model, n_layers=30)
+    check_hookpoints(model, n_layers=31)
+
+
+def test_extra_hookpoints_need_the_one_process_cache() -> None:
+    """The cache of several processes writes one hookpoint: extra hookpoints with
+    distributed.cache_nproc_per_node > 1 are refused when params load, naming both keys."""
+    raw = _with("model.extra_hookpoints", ["blocks.3.hook_resid_pre"])
+    raw["distributed"]["cache_nproc_per_node"] = 2
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert str(err.value) == (
+        "params: model.extra_hookpoints must be [] while distributed.cache_nproc_per_node > 1 "
+        "(the cache of several processes writes one hookpoint)"
+    )
+    raw["model"]["extra_hookpoints"] = []
+    assert parse_params(raw).distributed.cache_nproc_per_node == 2
+
+
+def test_at_hookpoint_is_the_config_of_one_extra_hookpoint() -> None:
+    """at_hookpoint(cfg, h) is cfg with model.hookpoint = h and no extra hookpoints, all else
+    equal; None or model.hookpoint give cfg itself; a hookpoint not in params is an error naming
+    the ones that are."""
+    from saelab.config import at_hookpoint
+
+    extras = ["blocks.3.hook_resid_pre", "blocks.20.hook_resid_post"]
+    cfg = parse_params(_with("model.extra_hookpoints", extras))
+    at = at_hookpoint(cfg, "blocks.20.hook_resid_post")
+    assert at.model.hookpoint == "blocks.20.hook_resid_post" and at.model.layer == 20
+    assert at.model.extra_hookpoints == ()
+    assert at.model_dump(exclude={"model"}) == cfg.model_dump(exclude={"model"})
+    same = {"hookpoint", "extra_hookpoints"}
+    assert at.model.model_dump(exclude=same) == cfg.model.model_dump(exclude=same)
+    assert at_hookpoint(cfg, None) is cfg and at_hookpoint(cfg, cfg.model.hookpoint) is cfg
+    with pytest.raises(ConfigError) as err:
+        at_hookpoint(cfg, "blocks.4.hook_resid_pre")
+    assert str(err.value) == (
+        "--hookpoint blocks.4.hook_resid_pre must be model.hookpoint (blocks.15.hook_resid_pre) "
+        "or one of params model.extra_hookpoints (blocks.3.hook_resid_pre, "
+        "blocks.20.hook_resid_post)"
+    )
+    with pytest.raises(ConfigError, match=r"extra_hookpoints \(none\)$"):
+        at_hookpoint(parse_params(DEFAULT), "blocks.3.hook_resid_pre")
 
 
 def test_hub_id_is_accepted_without_a_local_directory() -> None:

@@ -1,6 +1,8 @@
-"""Several hookpoints from one LM pass (issue 14, part 3, library side): capture_resids returns
-what one capture_resid per hookpoint returns, from one forward that stops at the deepest
-hookpoint, and cache_split_hookpoints writes the stores of one cache_split per hookpoint."""
+"""Several hookpoints from one LM pass (issue 14, part 3): capture_resids returns what one
+capture_resid per hookpoint returns, from one forward that stops at the deepest hookpoint,
+cache_split_hookpoints writes the stores of one cache_split per hookpoint, and the cache stage's
+cache_activations writes model.extra_hookpoints' stores beside model.hookpoint's (and, with none,
+runs the one-hookpoint path). The DVC stages: tests/test_pipeline_hookpoints.py."""
 
 from __future__ import annotations
 
@@ -90,3 +92,102 @@ def test_cache_split_hookpoints_writes_the_store_of_each_hookpoint(
                 assert (ref / rel).read_bytes() == (out / rel).read_bytes(), (hookpoint, rel)
     with pytest.raises(ValueError, match="2 hookpoints but 1"):
         cache_split_hookpoints(model, cfg, hookpoints[:2], contexts, outs[:1], "t", None)
+
+
+def _files(root: Path) -> dict[str, str | bytes]:
+    """Every file under ``root`` by relative path: zarr.json as text with tokens_per_s blanked
+    (a wall-clock rate), chunks as bytes."""
+    return {
+        str(p.relative_to(root)): _blank_timing(p) if p.name == "zarr.json" else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def cache_setup(tmp_path_factory, tiny_llama_dir, make_tiny_params, one_thread_module):
+    """A token group (40 train, 12 eval contexts of 32 tokens), the tiny Llama and its params
+    (primary hookpoint blocks.2.hook_resid_pre, chunks of 1,024 tokens: several per store)."""
+    from saelab.data import write_tokens
+
+    root = tmp_path_factory.mktemp("cache-activations")
+    (root / "corpus").mkdir()
+    params = make_tiny_params(tiny_llama_dir, [str(root / "corpus")], None)
+    params["cache"].update(batch_size=3, chunk_tokens=1024, max_eval_tokens=None)
+    cfg = parse_params(yaml.safe_load(yaml.safe_dump(params)))
+    rng = np.random.default_rng(2)
+    sizes = {"train": 40, "eval": 12}
+    splits = {s: rng.integers(0, 49152, (n, 32), dtype=np.int32) for s, n in sizes.items()}
+    write_tokens(root / "tokens", splits, {})
+    return root, cfg, load_model(cfg.model, CPU)
+
+
+def _with_extras(cfg, hookpoint: str, extras: tuple[str, ...]):
+    model = cfg.model.model_copy(update={"hookpoint": hookpoint, "extra_hookpoints": extras})
+    return cfg.model_copy(update={"model": model})
+
+
+def test_cache_activations_with_extra_hookpoints_writes_each_ones_stores(cache_setup) -> None:
+    """With model.extra_hookpoints, <out>/{train,eval} hold what the cache of model.hookpoint
+    alone writes and <hookpoints_out>/<h>/{train,eval} what the cache of h alone writes (same
+    files, same bytes; zarr.json up to tokens_per_s), from one pass per batch."""
+    from saelab.cache import cache_activations
+
+    root, cfg, model = cache_setup
+    tokens, primary, extras = str(root / "tokens"), cfg.model.hookpoint, HOOKPOINTS[1:3]
+    cache_activations(model, _with_extras(cfg, primary, extras), tokens, root / "acts",
+                      root / "extras")  # fmt: skip
+    assert sorted(p.name for p in (root / "extras").iterdir()) == sorted(extras)
+    for hookpoint, got in [(primary, root / "acts"), *((h, root / "extras" / h) for h in extras)]:
+        alone = root / f"alone-{hookpoint}"
+        cache_activations(model, _with_extras(cfg, hookpoint, ()), tokens, alone)
+        want = _files(alone)
+        assert {p.split("/")[0] for p in want} == {"train", "eval"}
+        assert len(want) > 4  # zarr.json + chunks, per split
+        assert _files(got) == want, hookpoint
+
+
+def test_cache_activations_without_extras_runs_todays_path(cache_setup, monkeypatch) -> None:
+    """model.extra_hookpoints: [] caches through cache_split alone (the path of the pipeline of
+    one hookpoint, never the several-hookpoint pass) and writes hookpoints_out as an empty
+    directory (the cache stage's output for DVC); extra hookpoints need hookpoints_out."""
+    import saelab.cache
+    from saelab.cache import cache_activations
+    from saelab.config import ConfigError
+
+    root, cfg, model = cache_setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cache_split_hookpoints called without extra hookpoints")
+
+    monkeypatch.setattr(saelab.cache, "cache_split_hookpoints", refuse)
+    out, extras = root / "plain" / "acts", root / "plain" / "extras"
+    cache_activations(model, cfg, str(root / "tokens"), out, extras)
+    assert sorted(p.name for p in out.iterdir()) == ["eval", "train"]
+    assert extras.is_dir() and not any(extras.iterdir())
+    with pytest.raises(ConfigError, match=r"^params: model\.extra_hookpoints needs saelab cache "):
+        cache_activations(model, _with_extras(cfg, cfg.model.hookpoint, HOOKPOINTS[1:2]),
+                          str(root / "tokens"), root / "no-extras-dir")  # fmt: skip
+    assert not (root / "no-extras-dir").exists()
+
+
+def test_cache_activations_interrupted_leaves_neither_directory(cache_setup, monkeypatch) -> None:
+    """An interrupt in the eval split's pass (after the train stores are written) removes both
+    temporary directories: neither <out> nor <hookpoints_out> exists, nor a sibling of them."""
+    import saelab.cache
+    from saelab.cache import cache_activations
+
+    root, cfg, model = cache_setup
+    real = saelab.cache.cache_split_hookpoints
+
+    def interrupt_eval(model, cfg, hookpoints, contexts, outs, source, dtype=None):
+        if source.endswith(":eval"):
+            raise KeyboardInterrupt
+        real(model, cfg, hookpoints, contexts, outs, source, dtype)
+
+    monkeypatch.setattr(saelab.cache, "cache_split_hookpoints", interrupt_eval)
+    parent = root / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, _with_extras(cfg, cfg.model.hookpoint, HOOKPOINTS[1:2]),
+                          str(root / "tokens"), parent / "acts", parent / "extras")  # fmt: skip
+    assert list(parent.iterdir()) == []

@@ -330,9 +330,9 @@ def test_cli_plan_and_collect(tmp_path, capsys, monkeypatch) -> None:
 
 def test_learning_curves_from_mlflow(tmp_path) -> None:
     """The nested run tagged with a run's name and variant gives one curve row per logged step
-    (tokens = step x batch); a run without an MLflow run has no curve; collecting twice adds
-    the runs' curves once."""
-    from saelab.tracking import mlflow_run
+    (tokens = step x batch), not a later run of an extra hookpoint with the same tags; a run
+    without an MLflow run has no curve; collecting twice adds the runs' curves once."""
+    from saelab.tracking import HOOKPOINT_TAG, mlflow_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tags = {"variant": "topk", "dvc_exp_name": "topk-k8-d64-s0"}
@@ -341,6 +341,9 @@ def test_learning_curves_from_mlflow(tmp_path) -> None:
             tracker.log_metrics({"train/fvu": fvu, "train/l0": 8.0, "train/lr": 1e-4}, step=step)
     with mlflow_run("saelab", uri, "topk", {**tags, "dvc_exp_name": "other"}) as tracker:
         tracker.log_metrics({"train/fvu": 0.1}, step=4)
+    extra = {**tags, HOOKPOINT_TAG: "blocks.3.hook_resid_pre"}  # model.extra_hookpoints' run
+    with mlflow_run("saelab", uri, "topk blocks.3.hook_resid_pre", extra) as tracker:
+        tracker.log_metrics({"train/fvu": 0.2}, step=4)
     rows = [
         {"run": "topk-k8-d64-s0", "variant": "topk"},
         {"run": "topk-k8-d64-s1", "variant": "topk"},

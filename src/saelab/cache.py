@@ -18,16 +18,17 @@ store per split together, and it is the store of one process, chunk file for chu
 
 A rank with no chunk (more ranks than chunks) only waits at the barriers.
 
-Several hookpoints from one truncated forward (issue 14, part 3, library side; no stage uses it
-yet): :func:`cache_split_hookpoints` writes one store per hookpoint, each the store
-:func:`cache_split` writes for that hookpoint.
+Several hookpoints from one truncated forward (issue 14, part 3; ``model.extra_hookpoints``):
+:func:`cache_split_hookpoints` writes one store per hookpoint, each the store :func:`cache_split`
+writes for that hookpoint; :func:`cache_activations` uses it when there are extra hookpoints (one
+process only: params refuse them with ``distributed.cache_nproc_per_node`` > 1).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -41,10 +42,11 @@ from saelab.capture import (
     capture_resid,
     capture_resids,
     check_hookpoint,
+    check_hookpoints,
     decoder_layers,
     dtype_name,
 )
-from saelab.config import PipelineConfig, recorded_path, replace
+from saelab.config import ConfigError, PipelineConfig, recorded_path, replace
 from saelab.data import read_tokens
 from saelab.store import (
     ActivationWriter,
@@ -60,25 +62,61 @@ from saelab.store import (
 log = logging.getLogger(__name__)
 
 
-def cache_activations(model: nn.Module, cfg: PipelineConfig, tokens: str, out: str | Path) -> None:
+def cache_activations(
+    model: nn.Module,
+    cfg: PipelineConfig,
+    tokens: str,
+    out: str | Path,
+    hookpoints_out: str | Path | None = None,
+) -> None:
     """Both splits of the token group ``tokens`` (``cache.max_train_tokens`` /
     ``max_eval_tokens`` of them, whole contexts) -> the stores ``<out>/train`` and
-    ``<out>/eval``, atomically (:func:`~saelab.store.shared_atomic_dir`: by all ranks under
-    data parallelism, module docstring).
+    ``<out>/eval`` at ``model.hookpoint``, and ``<hookpoints_out>/<hookpoint>/{train,eval}``
+    at each of ``model.extra_hookpoints``, from one truncated forward per batch
+    (:func:`cache_split_hookpoints`). Without extra hookpoints the primary stores are written
+    by :func:`cache_split` as ever (the distributed cache included), and ``hookpoints_out``,
+    when given, is an empty directory (the cache stage's output for DVC).
+
+    Each directory is written atomically (:func:`~saelab.store.shared_atomic_dir`: by all
+    ranks under data parallelism, module docstring), ``hookpoints_out`` moved into place
+    first, ``out`` last: after an interrupt at most one of them is new, and the stage reruns.
 
     Raises:
+        ConfigError: extra hookpoints but no ``hookpoints_out``, or an extra hookpoint's layer
+            is not in the model.
         InputError: non-finite activations (:func:`cache_split`); nothing is written.
     """
+    extras = cfg.model.extra_hookpoints
+    if extras and hookpoints_out is None:
+        raise ConfigError("params: model.extra_hookpoints needs saelab cache --hookpoints-out")
+    check_hookpoints(cfg.model, len(decoder_layers(model)))
+    with ExitStack() as stack:
+        tmp = stack.enter_context(shared_atomic_dir(out))
+        if hookpoints_out is not None:  # entered last, so moved into place first
+            tmp_extras = stack.enter_context(shared_atomic_dir(hookpoints_out))
+        for split, contexts, dtype in _splits(cfg, tokens):
+            source = f"{tokens}:{split}"
+            if extras:
+                outs = [tmp / split, *(tmp_extras / h / split for h in extras)]
+                hookpoints = cfg.model.hookpoints
+                cache_split_hookpoints(model, cfg, hookpoints, contexts, outs, source, dtype)
+            else:
+                cache_split(model, cfg, contexts, tmp / split, source, dtype)
+
+
+def _splits(cfg: PipelineConfig, tokens: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    """``(split, contexts [n_ctx, ctx_len] int32, store dtype)`` of the train and eval splits
+    of the token group ``tokens``, cut to ``cache.max_train_tokens`` / ``max_eval_tokens``
+    (whole contexts)."""
     splits = {
         "train": (cfg.cache.max_train_tokens, cfg.cache.store_dtype),
         "eval": (cfg.cache.max_eval_tokens, cfg.cache.eval_store_dtype),
     }
-    with shared_atomic_dir(out) as tmp:
-        for split, (max_tokens, dtype) in splits.items():
-            contexts = read_tokens(tokens, split)
-            if max_tokens is not None:
-                contexts = contexts[: max_tokens // contexts.shape[1]]
-            cache_split(model, cfg, contexts, tmp / split, f"{tokens}:{split}", dtype)
+    for split, (max_tokens, dtype) in splits.items():
+        contexts = read_tokens(tokens, split)
+        if max_tokens is not None:
+            contexts = contexts[: max_tokens // contexts.shape[1]]
+        yield split, contexts, dtype
 
 
 def _attrs(cfg: PipelineConfig, model: nn.Module, ctx_len: int, source: str) -> dict:
@@ -163,7 +201,8 @@ def cache_split_hookpoints(
         raise ValueError(f"{len(hookpoints)} hookpoints but {len(outs)} output stores")
     if distributed.world_size() > 1:
         raise ValueError("cache_split_hookpoints runs in one process (cache_split shards one)")
-    models = [replace(cfg.model, hookpoint=h) for h in hookpoints]  # ConfigError: model.hookpoint
+    # ConfigError: model.hookpoint (extras dropped: one of them is now the hookpoint)
+    models = [replace(cfg.model, hookpoint=h, extra_hookpoints=()) for h in hookpoints]
     for m in models:
         check_hookpoint(m, len(decoder_layers(model)))
     n_ctx, ctx_len = contexts.shape

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saelab.config import ConfigError, ModelConfig, resolve_model_dtype
+from saelab.config import ConfigError, ModelConfig, replace, resolve_model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,24 @@ def n_layers_of(cfg: ModelConfig) -> int:
     return int(config.get_text_config().num_hidden_layers)
 
 
-def check_hookpoint(cfg: ModelConfig, n_layers: int) -> None:
-    """Raise ConfigError naming the valid hookpoints when ``cfg.layer`` is out of range."""
+def check_hookpoint(cfg: ModelConfig, n_layers: int, key: str = "model.hookpoint") -> None:
+    """Raise ConfigError naming ``key`` and the valid hookpoints when ``cfg.layer`` is out of
+    range."""
     if not 0 <= cfg.layer < n_layers:
         raise ConfigError(
-            f"params: model.hookpoint must be blocks.<L>.hook_resid_pre or "
+            f"params: {key} must be blocks.<L>.hook_resid_pre or "
             f"blocks.<L>.hook_resid_post with L in [0, {n_layers - 1}] for this model "
             f"(got {cfg.hookpoint})"
         )
+
+
+def check_hookpoints(cfg: ModelConfig, n_layers: int) -> None:
+    """:func:`check_hookpoint` of ``model.hookpoint`` and of each of ``model.extra_hookpoints``
+    (named by index, ``model.extra_hookpoints[1]``)."""
+    check_hookpoint(cfg, n_layers)
+    for i, hookpoint in enumerate(cfg.extra_hookpoints):
+        one = replace(cfg, hookpoint=hookpoint, extra_hookpoints=())
+        check_hookpoint(one, n_layers, f"model.extra_hookpoints[{i}]")
 
 
 def load_tokenizer(cfg: ModelConfig):

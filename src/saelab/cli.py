@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from saelab.allocator import keep_freed_memory
 from saelab.config import (
     ConfigError,
     PipelineConfig,
+    at_hookpoint,
     check_provenance,
     load_params,
     recorded_path,
@@ -45,6 +46,11 @@ ACTIVATIONS = click.option(
 SAE_DIR = click.option(
     "--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False)
 )
+HOOKPOINT = click.option(
+    "--hookpoint", default=None,
+    help="one of params' model.extra_hookpoints: run as if it were model.hookpoint (the *_hp "
+    "stages of dvc.yaml); default: model.hookpoint",
+)  # fmt: skip
 
 
 def _setup_logging() -> None:
@@ -82,7 +88,7 @@ def _cuda_available() -> bool:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="token zarr group")
 def prepare(params_path: str, out: str) -> None:
     """Corpus -> tokenized, packed contexts (train/eval split by document) in a zarr group."""
-    from saelab.capture import check_hookpoint, load_tokenizer, n_layers_of
+    from saelab.capture import check_hookpoints, load_tokenizer, n_layers_of
     from saelab.data import (
         docs_per_source,
         fallback_decoded,
@@ -94,7 +100,7 @@ def prepare(params_path: str, out: str) -> None:
     )
 
     cfg = load_params(params_path)
-    check_hookpoint(cfg.model, n_layers_of(cfg.model))
+    check_hookpoints(cfg.model, n_layers_of(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     try:
         docs = read_corpus(cfg.data.corpus_dirs)
@@ -127,8 +133,15 @@ def prepare(params_path: str, out: str) -> None:
 @PARAMS
 @TOKENS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="activation dir")
-def cache(params_path: str, tokens: str, out: str) -> None:
-    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``.
+@click.option(
+    "--hookpoints-out", default=None, type=click.Path(file_okay=False),
+    help="directory of the stores of model.extra_hookpoints, <dir>/<hookpoint>/{train,eval} "
+    "(written empty when there are none); required when there are some",
+)  # fmt: skip
+def cache(params_path: str, tokens: str, out: str, hookpoints_out: str | None) -> None:
+    """Activations at the hookpoint for both splits -> zarr stores ``<out>/{train,eval}``, and
+    at each extra hookpoint -> ``<hookpoints-out>/<hookpoint>/{train,eval}`` from the same
+    forward passes.
 
     With ``distributed.cache_nproc_per_node`` > 1 it starts itself that many times under
     ``distributed.launcher`` (torchrun); started by torchrun (``WORLD_SIZE`` > 1), the ranks
@@ -144,6 +157,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
     if cfg.distributed.cache_nproc_per_node > 1 and not distributed.launched_by_torchrun():
         n, launcher = cfg.distributed.cache_nproc_per_node, cfg.distributed.launcher
         args = ["--params", params_path, "--tokens", tokens, "--out", out]
+        args += ["--hookpoints-out", hookpoints_out] if hookpoints_out is not None else []
         sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "cache", *args]))
     device = resolve_device(cfg.model.device)
     device = distributed.init_from_env(device.type) or device
@@ -151,7 +165,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
     model = load_model(cfg.model, device)
     try:
         with distributed.data_parallel():
-            cache_activations(model, cfg, tokens, out)
+            cache_activations(model, cfg, tokens, out, hookpoints_out)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -160,6 +174,7 @@ def cache(params_path: str, tokens: str, out: str) -> None:
 @cli.command()
 @PARAMS
 @VARIANT
+@HOOKPOINT
 @ACTIVATIONS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="SAE directory")
 @click.option(
@@ -169,7 +184,12 @@ def cache(params_path: str, tokens: str, out: str) -> None:
     "Default: no checkpoints.",
 )  # fmt: skip
 def train(
-    params_path: str, variant: str, activations: str, out: str, checkpoint_dir: str | None
+    params_path: str,
+    variant: str,
+    hookpoint: str | None,
+    activations: str,
+    out: str,
+    checkpoint_dir: str | None,
 ) -> None:
     """Train one SAE variant on the cached train activations; save safetensors + cfg.json.
 
@@ -187,10 +207,12 @@ def train(
     from saelab.tracking import NullTracker, flatten, mlflow_run, tracking_uri
     from saelab.train import train_sae
 
-    cfg = load_params(params_path)
+    base = load_params(params_path)
+    cfg = at_hookpoint(base, hookpoint)
     if cfg.distributed.nproc_per_node > 1 and not distributed.launched_by_torchrun():
         args = ["--params", params_path, "--variant", variant, "--activations", activations,
                 "--out", out]  # fmt: skip
+        args += ["--hookpoint", hookpoint] if hookpoint is not None else []
         args += ["--checkpoints", checkpoint_dir] if checkpoint_dir is not None else []
         n, launcher = cfg.distributed.nproc_per_node, cfg.distributed.launcher
         sys.exit(distributed.relaunch(launcher, n, ["-m", "saelab.cli", "train", *args]))
@@ -216,8 +238,8 @@ def train(
         torch.distributed.destroy_process_group()
         return
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # a new run's
-    with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
+    name, tags = _run_name_and_tags(base, cfg, uri, variant)  # a new run's
+    with mlflow_run(cfg.tracking.experiment, uri, name, tags, run_id) as tracker:
         tracker.log_params({"variant": variant, "world_size": world,
                             **flatten(cfg.model_dump())})  # fmt: skip
         summary = train_sae(sae, batches, cfg.train, tracker, device, checkpoints, data_id, whole)
@@ -231,13 +253,30 @@ def train(
         torch.distributed.destroy_process_group()
 
 
-def _nested_run_tags(cfg: PipelineConfig, uri: str, variant: str) -> dict[str, str]:
+def _nested_run_tags(
+    cfg: PipelineConfig, uri: str, variant: str, hookpoint: str | None = None
+) -> dict[str, str]:
     """Tags of a new variant run (:func:`~saelab.tracking.variant_run_tags`): nested under the
-    pipeline run's parent when run by DVC, standalone otherwise."""
-    from saelab.tracking import params_hash, variant_run_tags
+    pipeline run's parent when run by DVC, standalone otherwise; the run of an extra hookpoint
+    (``hookpoint``) is also tagged :data:`~saelab.tracking.HOOKPOINT_TAG`."""
+    from saelab.tracking import HOOKPOINT_TAG, params_hash, variant_run_tags
 
     digest = params_hash(cfg.model_dump())
-    return variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
+    tags = variant_run_tags(cfg.tracking.experiment, uri, variant, digest)
+    return tags if hookpoint is None else {**tags, HOOKPOINT_TAG: hookpoint}
+
+
+def _run_name_and_tags(
+    base: PipelineConfig, cfg: PipelineConfig, uri: str, variant: str
+) -> tuple[str, Callable[[], dict[str, str]]]:
+    """The MLflow run name and the tags (a callable: :func:`_nested_run_tags`) of a new run of
+    ``variant`` with ``cfg``, which is ``base`` (the params as loaded) or ``base`` at one of its
+    extra hookpoints (:func:`~saelab.config.at_hookpoint`). Such a run is named
+    ``<variant> <hookpoint>`` and nests under the parent of ``base``: one pipeline run, one
+    parent."""
+    hookpoint = None if cfg is base else cfg.model.hookpoint
+    name = variant if hookpoint is None else f"{variant} {hookpoint}"
+    return name, functools.partial(_nested_run_tags, base, uri, variant, hookpoint)
 
 
 def _training_batches(
@@ -283,15 +322,18 @@ def _sae_metadata(cfg: PipelineConfig, store_attrs: dict, summary: dict, run_id:
 
 @cli.command()
 @PARAMS
+@HOOKPOINT
 @TOKENS
 @ACTIVATIONS
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="baseline dir")
-def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
+def baseline(
+    params_path: str, hookpoint: str | None, tokens: str, activations: str, out: str
+) -> None:
     """Clean and ablated CE and the clean LM-head inputs of the eval contexts, shared by every
     SAE's evaluation (saelab.baseline)."""
     from saelab.baseline import run_baseline_stage
 
-    cfg = load_params(params_path)
+    cfg = at_hookpoint(load_params(params_path), hookpoint)
     attrs = run_baseline_stage(cfg, Path(tokens), Path(activations), Path(out))
     log.info("baseline: %s", json.dumps(attrs["checks"]))
 
@@ -299,6 +341,7 @@ def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
 @cli.command()
 @PARAMS
 @VARIANT
+@HOOKPOINT
 @TOKENS
 @ACTIVATIONS
 @click.option(
@@ -323,6 +366,7 @@ def baseline(params_path: str, tokens: str, activations: str, out: str) -> None:
 def evaluate(
     params_path: str,
     variant: str,
+    hookpoint: str | None,
     tokens: str,
     activations: str,
     baseline_dir: str,
@@ -335,7 +379,8 @@ def evaluate(
     from saelab.evaluate import evaluate_inputs, open_evaluation
     from saelab.tracking import mlflow_run, tracking_uri, write_json_atomic, write_npz_atomic
 
-    cfg = load_params(params_path)
+    base = load_params(params_path)
+    cfg = at_hookpoint(base, hookpoint)
     _check_variant(sae_dir, variant)
     inputs = open_evaluation(
         cfg, Path(sae_dir), Path(tokens), Path(activations), Path(baseline_dir)
@@ -343,8 +388,8 @@ def evaluate(
     metadata = inputs.sae.metadata
     uri = tracking_uri(cfg.tracking.tracking_uri)
     run_id = metadata.get("mlflow_run_id")
-    tags = functools.partial(_nested_run_tags, cfg, uri, variant)  # if run_id is not stored
-    with mlflow_run(cfg.tracking.experiment, uri, variant, tags, run_id) as tracker:
+    name, tags = _run_name_and_tags(base, cfg, uri, variant)  # if run_id is not stored
+    with mlflow_run(cfg.tracking.experiment, uri, name, tags, run_id) as tracker:
         metrics, histograms, sums = evaluate_inputs(cfg, inputs)
         metrics.update({f"train_{k}": v for k, v in metadata.get("train_summary", {}).items()})
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})

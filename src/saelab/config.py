@@ -54,6 +54,7 @@ Autocast = Literal["auto", "float32", "bfloat16"]
 DTYPES, CODECS, DEVICES, AUTOCAST = (get_args(t) for t in (Dtype, Codec, Device, Autocast))
 MODEL_DTYPES = ("auto", *DTYPES)
 HOOKPOINT_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+HOOKPOINT_TEXT = "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post"
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or org/name
 
 
@@ -126,17 +127,43 @@ class ModelConfig(Section):
     dtype: the LM's weights and forward: ``float32``, ``bfloat16``, ``float16``, or ``auto``
         (bfloat16 where the device runs it natively, else float32: :func:`resolve_model_dtype`).
     hookpoint: ``blocks.<layer>.hook_resid_pre`` (input of decoder layer ``layer``) or
-        ``blocks.<layer>.hook_resid_post`` (its output), SAELens/TransformerLens names.
+        ``blocks.<layer>.hook_resid_post`` (its output), SAELens/TransformerLens names: the
+        primary hookpoint, which every stage reads.
+    extra_hookpoints: more hookpoints (same names), distinct and other than ``hookpoint``,
+        cached in the same truncated forward as it (up to the deepest) and each given its own
+        SAEs, baseline and metrics by the ``*_hp`` stages of dvc.yaml; empty: none (the
+        pipeline of one hookpoint). Order is free.
     """
 
     name_or_path: str
     gguf_file: str | None
     dtype: Literal["auto", Dtype]
-    hookpoint: str = _f(
-        "blocks.<layer>.hook_resid_pre or blocks.<layer>.hook_resid_post",
-        pattern=HOOKPOINT_RE.pattern,
-    )
+    hookpoint: str = _f(HOOKPOINT_TEXT, pattern=HOOKPOINT_RE.pattern)
+    extra_hookpoints: tuple[str, ...]
     device: Device
+
+    @field_validator("extra_hookpoints")
+    @classmethod
+    def _hookpoint_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(names):
+            _require(HOOKPOINT_RE.match(name) is not None, f"model.extra_hookpoints[{i}]",
+                     f"{HOOKPOINT_TEXT} (got {name!r})")  # fmt: skip
+        _require(len(set(names)) == len(names), "model.extra_hookpoints", "distinct hookpoints")
+        return names
+
+    @model_validator(mode="after")
+    def _extras_not_primary(self) -> ModelConfig:
+        _require(
+            self.hookpoint not in self.extra_hookpoints,
+            "model.extra_hookpoints",
+            f"hookpoints other than model.hookpoint ({self.hookpoint})",
+        )
+        return self
+
+    @property
+    def hookpoints(self) -> tuple[str, ...]:
+        """``hookpoint`` then ``extra_hookpoints``: every hookpoint the cache stage reads."""
+        return (self.hookpoint, *self.extra_hookpoints)
 
     @property
     def layer(self) -> int:
@@ -508,6 +535,12 @@ class PipelineConfig(Section):
             "train.batch_size",
             f"an integer >= distributed.nproc_per_node={nproc}",
         )
+        _require(
+            not self.model.extra_hookpoints or self.distributed.cache_nproc_per_node == 1,
+            "model.extra_hookpoints",
+            "[] while distributed.cache_nproc_per_node > 1 (the cache of several processes "
+            "writes one hookpoint)",
+        )
         self._check_variant_constraints()
         return self
 
@@ -540,6 +573,28 @@ def replace(section: T, **changes: Any) -> T:
     prefix = next((n for n, f in PipelineConfig.model_fields.items()
                    if f.annotation is type(section)), "")  # fmt: skip
     return _validate(type(section), {**dict(section), **changes}, prefix)
+
+
+def at_hookpoint(cfg: PipelineConfig, hookpoint: str | None) -> PipelineConfig:
+    """The config a stage of one extra hookpoint runs with (``train_hp``, ``baseline_hp``,
+    ``evaluate_hp`` of dvc.yaml, ``--hookpoint`` of their commands): ``cfg`` as if params said
+    ``model.hookpoint: <hookpoint>`` and ``model.extra_hookpoints: []``. ``cfg`` itself when
+    ``hookpoint`` is None or ``model.hookpoint``.
+
+    Raises:
+        ConfigError: ``hookpoint`` is neither ``model.hookpoint`` nor one of
+            ``model.extra_hookpoints``.
+    """
+    if hookpoint is None or hookpoint == cfg.model.hookpoint:
+        return cfg
+    extras = cfg.model.extra_hookpoints
+    if hookpoint not in extras:
+        raise ConfigError(
+            f"--hookpoint {hookpoint} must be model.hookpoint ({cfg.model.hookpoint}) or one of "
+            f"params model.extra_hookpoints ({', '.join(extras) or 'none'})"
+        )
+    model = replace(cfg.model, hookpoint=hookpoint, extra_hookpoints=())
+    return cfg.model_copy(update={"model": model})
 
 
 _TYPE_NAMES = {"int_type": "int", "int_from_float": "int", "float_type": "float",

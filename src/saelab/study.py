@@ -676,10 +676,13 @@ def curves_from_mlflow(
 ) -> list[dict[str, Any]]:
     """The training curves of the runs-table ``rows`` from the MLflow store at ``uri``: each
     row's nested run is the one of ``experiment`` tagged ``dvc_exp_name`` = the run's name and
-    ``variant`` (:func:`saelab.tracking.run_tags`); one curve row per logged step (``tokens`` =
+    ``variant`` (:func:`saelab.tracking.run_tags`), not an extra hookpoint's run
+    (:data:`~saelab.tracking.HOOKPOINT_TAG`); one curve row per logged step (``tokens`` =
     step x ``batch_size``) with the window means ``train/fvu``, ``train/l0`` and
     ``train/dead_fraction``. Runs without an MLflow run are left out (a log line says so)."""
     from mlflow.tracking import MlflowClient
+
+    from saelab.tracking import HOOKPOINT_TAG
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -690,6 +693,7 @@ def curves_from_mlflow(
     for row in rows:
         query = f"tags.dvc_exp_name = '{row['run']}' and tags.variant = '{row['variant']}'"
         found = client.search_runs([exp.experiment_id], query, order_by=["start_time DESC"])
+        found = [r for r in found if HOOKPOINT_TAG not in r.data.tags]  # model.hookpoint's
         if not found:
             log.info("%s: no MLflow run, no learning curve", row["run"])
             continue

@@ -10,7 +10,9 @@ Artifacts of an experiment created here go to ``<directory of mlflow.db>/mlartif
 a temporary ``dvc exp run`` copy would be deleted with it.
 
 One pipeline run = one MLflow parent run with a nested run per variant (tag
-``mlflow.parentRunId``). Stages run as separate processes, so the parent is found by its tags:
+``mlflow.parentRunId``), and one per variant and extra hookpoint (``model.extra_hookpoints``;
+tagged :data:`HOOKPOINT_TAG`, named ``<variant> <hookpoint>``). Stages run as separate
+processes, so the parent is found by its tags:
 ``saelab.role=pipeline``, the git commit, the DVC experiment name and ``saelab.params_hash``
 (a hash of every parameter). Whichever stage comes first creates it (:func:`pipeline_run_id`);
 when two processes race, both search again after creating and keep the oldest run, deleting the
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_TAG = "mlflow.parentRunId"
 HOST_TAG, PID_TAG = "saelab.host", "saelab.pid"  # the process holding a run open
+HOOKPOINT_TAG = "saelab.hookpoint"  # a run of an extra hookpoint (params model.extra_hookpoints)
 
 
 class Tracker(Protocol):
