@@ -1,7 +1,7 @@
 """The DVC pipeline end to end: `dvc repro`, `dvc exp run` and two queued experiments run in
-parallel (`dvc exp run --queue` + `dvc queue start -j 2`) in a fresh copy of the project on the tiny Llama, with
-data and model beside the repo named by relative paths (as params.yaml names ../shared) and
-MLflow's default store at the repo root."""
+parallel (`dvc exp run --queue` + `dvc queue start -j 2`) in a fresh copy of the project on the
+tiny Llama, with data and model beside the repo named by relative paths (as params.yaml names
+../shared) and MLflow's default store at the repo root."""
 
 import json
 import math

@@ -20,8 +20,8 @@ from saelab.report import (
     claims_table,
     derived_columns,
     equivalence_verdict,
-    plot_specs,
     evaluate_claim,
+    plot_specs,
     select,
     sign_verdict,
     t_interval,
@@ -187,7 +187,10 @@ def test_pareto_lines_or_one_line_per_variant_of_a_group() -> None:
         ("topk", {"groups": "k_sweep", "variant": "topk"}, "k"),
         ("relu", {"groups": "k_sweep", "variant": "relu"}, "k"),
     ]
-    given = [{"label": "j", "where": {"groups": ["a", "b"]}}, {"label": "s", "where": {}, "by": "l"}]
+    given = [
+        {"label": "j", "where": {"groups": ["a", "b"]}},
+        {"label": "s", "where": {}, "by": "l"},
+    ]
     specs = plot_specs({"pareto_group": "k_sweep", "pareto_lines": given}, ["topk"])
     assert [(ln.label, ln.by) for ln in specs[1].lines] == [("j", "k"), ("s", "l")]
     assert specs[1].y == "delta_ce" and plot_specs({}, ["topk"]) == []

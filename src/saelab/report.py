@@ -413,10 +413,10 @@ def derived_columns(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def plot_specs(plots: Mapping[str, Any], variants: Sequence[str]) -> list[PlotSpec]:
     """The report's plots from ``study.yaml``'s ``plots`` section: the L0 vs FVU and L0 vs ΔCE
-    fronts, from ``pareto_lines`` (a list of ``{label, where, by}``, ``by`` k by default) or, without
-    it, ``pareto_group`` (one line per variant over k); ``switch_lines`` and ``dict_lines``
-    (lists of ``{label, where}``; FLOPs and seconds per step vs FVU), ``sampled_lines`` (FVU vs
-    l)."""
+    fronts, from ``pareto_lines`` (a list of ``{label, where, by}``, ``by`` k by default) or,
+    without it, ``pareto_group`` (one line per variant over k); ``switch_lines`` and
+    ``dict_lines`` (lists of ``{label, where}``; FLOPs and seconds per step vs FVU),
+    ``sampled_lines`` (FVU vs l)."""
     specs = []
     group = plots.get("pareto_group")
     lines = tuple(
