@@ -46,7 +46,7 @@ from saelab.capture import (
     decoder_layers,
     dtype_name,
 )
-from saelab.config import ConfigError, PipelineConfig, recorded_path, replace
+from saelab.config import ConfigError, PipelineConfig, recorded_path
 from saelab.data import read_tokens
 from saelab.store import (
     ActivationWriter,
@@ -201,8 +201,7 @@ def cache_split_hookpoints(
         raise ValueError(f"{len(hookpoints)} hookpoints but {len(outs)} output stores")
     if distributed.world_size() > 1:
         raise ValueError("cache_split_hookpoints runs in one process (cache_split shards one)")
-    # ConfigError: model.hookpoint (extras dropped: one of them is now the hookpoint)
-    models = [replace(cfg.model, hookpoint=h, extra_hookpoints=()) for h in hookpoints]
+    models = [cfg.model.at(h) for h in hookpoints]  # ConfigError: model.hookpoint
     for m in models:
         check_hookpoint(m, len(decoder_layers(model)))
     n_ctx, ctx_len = contexts.shape

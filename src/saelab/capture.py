@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saelab.config import ConfigError, ModelConfig, replace, resolve_model_dtype
+from saelab.config import ConfigError, ModelConfig, resolve_model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ def check_hookpoints(cfg: ModelConfig, n_layers: int) -> None:
     (named by index, ``model.extra_hookpoints[1]``)."""
     check_hookpoint(cfg, n_layers)
     for i, hookpoint in enumerate(cfg.extra_hookpoints):
-        one = replace(cfg, hookpoint=hookpoint, extra_hookpoints=())
-        check_hookpoint(one, n_layers, f"model.extra_hookpoints[{i}]")
+        check_hookpoint(cfg.at(hookpoint), n_layers, f"model.extra_hookpoints[{i}]")
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -165,6 +165,11 @@ class ModelConfig(Section):
         """``hookpoint`` then ``extra_hookpoints``: every hookpoint the cache stage reads."""
         return (self.hookpoint, *self.extra_hookpoints)
 
+    def at(self, hookpoint: str) -> ModelConfig:
+        """This config as if ``hookpoint`` were ``model.hookpoint`` and there were no extra
+        hookpoints (validated: ConfigError naming ``model.hookpoint``)."""
+        return replace(self, hookpoint=hookpoint, extra_hookpoints=())
+
     @property
     def layer(self) -> int:
         """Index of the decoder layer the hookpoint belongs to."""
@@ -593,8 +598,7 @@ def at_hookpoint(cfg: PipelineConfig, hookpoint: str | None) -> PipelineConfig:
             f"--hookpoint {hookpoint} must be model.hookpoint ({cfg.model.hookpoint}) or one of "
             f"params model.extra_hookpoints ({', '.join(extras) or 'none'})"
         )
-    model = replace(cfg.model, hookpoint=hookpoint, extra_hookpoints=())
-    return cfg.model_copy(update={"model": model})
+    return cfg.model_copy(update={"model": cfg.model.at(hookpoint)})
 
 
 _TYPE_NAMES = {"int_type": "int", "int_from_float": "int", "float_type": "float",
